@@ -1,0 +1,112 @@
+"""Architectures: plain ``nn.Sequential`` stacks of Conv2d / Linear / Flatten / activations.
+
+Names follow the Local-Lip and GloRo papers: ``nCmF`` is n convolutions then m
+dense layers (the last dense layer gives the logits). Inputs are images in
+[0, 1]; an optional ``Normalize`` first module is folded into the first layer by
+the bounds, so a radius always means l2 distance in [0, 1] pixel units.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .activations import make_activation
+
+# (out_channels, kernel, stride, padding) per conv layer; dense widths before the logits.
+ARCHITECTURES: Dict[str, Tuple[List[Tuple[int, int, int, int]], List[int]]] = {
+    "2c2f": ([(16, 4, 2, 1), (32, 4, 2, 1)], [100]),
+    "4c3f": ([(32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)], [512, 512]),
+    "6c2f": ([(32, 3, 1, 1), (32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 1)], [512]),
+    "8c2f": ([(64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 1), (128, 3, 1, 1), (128, 3, 1, 1), (128, 4, 2, 1),
+              (256, 3, 1, 1), (256, 4, 2, 1)], [512]),
+}
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel. Treated by the bounds as part of the first layer."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError("Normalize needs mean and std of equal length with std > 0")
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class LipschitzNet(nn.Sequential):
+    """A Sequential that also records its input shape, class count and build spec."""
+
+    def __init__(self, *modules: nn.Module, input_shape: Sequence[int], num_classes: int,
+                 spec: Optional[dict] = None):
+        super().__init__(*modules)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+        self.spec = dict(spec or {})
+        # Right-singular-vector estimates of every Conv2d/Linear, warm-started across training
+        # steps by the global bound's power iteration. Buffers: saved in checkpoints, no gradient.
+        gen = torch.Generator().manual_seed(0)
+        h = torch.zeros(1, *self.input_shape)
+        index = 0
+        with torch.no_grad():
+            for m in self:
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    v = torch.randn(h[0].numel(), generator=gen)
+                    self.register_buffer(f"power_vector_{index}", v / v.norm())
+                    index += 1
+                h = m(h)
+
+    def power_vectors(self) -> List[torch.Tensor]:
+        """Warm-start vectors of the layers, in order (flattened layer inputs)."""
+        return [getattr(self, f"power_vector_{i}") for i in range(len(self.affine_layers()))]
+
+    def affine_layers(self) -> List[nn.Module]:
+        return [m for m in self if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def build_model(arch: str, activation: str = "clipped_relu", input_shape: Sequence[int] = (1, 28, 28),
+                num_classes: int = 10, theta_init: float = 1.0,
+                mean: Sequence[float] = (), std: Sequence[float] = ()) -> LipschitzNet:
+    """Build one of ARCHITECTURES with the given activation."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
+    convs, denses = ARCHITECTURES[arch]
+    modules: List[nn.Module] = []
+    if len(mean):
+        if len(mean) != input_shape[0]:
+            raise ValueError(f"normalization has {len(mean)} channels, input has {input_shape[0]}")
+        modules.append(Normalize(mean, std))
+    c, h, w = input_shape
+    for out_c, k, s, p in convs:
+        modules.append(nn.Conv2d(c, out_c, k, stride=s, padding=p))
+        c, h, w = out_c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        if h < 1 or w < 1:
+            raise ValueError(f"input {input_shape} is too small for {arch}")
+        modules.append(make_activation(activation, (c, h, w), theta_init))
+    modules.append(nn.Flatten())
+    features = c * h * w
+    for width in denses:
+        modules.append(nn.Linear(features, width))
+        modules.append(make_activation(activation, (width,), theta_init))
+        features = width
+    modules.append(nn.Linear(features, num_classes))
+    spec = dict(arch=arch, activation=activation, input_shape=list(input_shape), num_classes=int(num_classes),
+                theta_init=float(theta_init), mean=[float(m) for m in mean], std=[float(s) for s in std])
+    return LipschitzNet(*modules, input_shape=input_shape, num_classes=num_classes, spec=spec)
+
+
+def model_from_spec(spec: dict) -> LipschitzNet:
+    """Rebuild an (untrained) model from ``model.spec``; load a state_dict into it afterwards."""
+    required = ("arch", "activation", "input_shape", "num_classes")
+    missing = [k for k in required if k not in spec]
+    if missing:
+        raise ValueError(f"model spec lacks {', '.join(missing)}")
+    return build_model(spec["arch"], spec["activation"], spec["input_shape"], spec["num_classes"],
+                       spec.get("theta_init", 1.0), spec.get("mean", ()), spec.get("std", ()))

@@ -251,3 +251,31 @@ def radius_tag(r: float) -> str:
     """File-name tag of a radius: 1.58 -> '1.58', 0.5 -> '0.5', 1 -> '1.0'."""
     _finite_nonneg(r, "radius")
     return repr(float(r))
+
+
+STAGES = ("download", "train", "calibrate", "certify", "report")
+
+
+def stage_config(cfg: dict, stage: str, radius: Optional[float] = None) -> dict:
+    """The part of a composed config that one stage depends on.
+
+    Orchestrators pass exactly this to the stage (and track it as the stage's
+    parameters), so e.g. adding a certification radius does not retrain.
+    """
+    if stage == "download":
+        return {"name": cfg["name"], "dataset": cfg["dataset"]}
+    if stage == "train":
+        ds = cfg["dataset"]
+        return {"name": cfg["name"], "dataset": {"name": ds["name"], "mean": ds["mean"], "std": ds["std"]},
+                "model": cfg["model"], "train": cfg["train"]}
+    if stage == "calibrate":
+        return {"name": cfg["name"], "calibrate": cfg["calibrate"]}
+    if stage == "certify":
+        if radius is None:
+            raise ConfigError("certify needs a radius")
+        _finite_nonneg(radius, "radius")
+        cert = {k: v for k, v in cfg["certify"].items() if k != "radii"}
+        return {"name": cfg["name"], "certify": cert, "radius": float(radius)}
+    if stage == "report":
+        return cfg
+    raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")

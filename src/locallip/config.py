@@ -83,6 +83,7 @@ class CalibrateConfig:
     eps: float = 1.58  # radius whose certified accuracy is maximised
     scales: List[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 2.0])
     max_clean_drop: float = 0.02  # largest clean-accuracy loss accepted (fraction)
+    per_layer: bool = True  # after the best uniform scale, one coordinate pass over the layers
     max_iter: int = 200
     tol: float = 1e-4
     batch_size: int = 256

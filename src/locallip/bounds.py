@@ -52,6 +52,8 @@ class AffineOp:
         self.in_shape = tuple(in_shape)
         self.norm = norm
         self.flatten = flatten
+        self._weight: Optional[Tensor] = None  # set by cast(): the same operator in another dtype
+        self._std: Optional[Tensor] = None
         if isinstance(layer, nn.Conv2d):
             if layer.groups != 1 or layer.dilation != (1, 1) or layer.padding_mode != "zeros":
                 raise ValueError("only plain zero-padded Conv2d (groups=1, dilation=1) is supported")
@@ -73,10 +75,21 @@ class AffineOp:
 
     @property
     def weight(self) -> Tensor:
-        return self.layer.weight
+        return self.layer.weight if self._weight is None else self._weight
+
+    def cast(self, dtype: torch.dtype) -> "AffineOp":
+        """The same linear operator with detached weights in ``dtype`` (for cheap power iterations)."""
+        op = AffineOp.__new__(AffineOp)
+        op.__dict__.update(self.__dict__)
+        op._weight = self.layer.weight.detach().to(dtype)
+        op._std = None if self.norm is None else self.norm.std.to(dtype)
+        return op
 
     def _scale(self, v: Tensor, power: int = 1) -> Tensor:
-        return v if self.norm is None else v / self.norm.std ** power
+        if self.norm is None:
+            return v
+        std = self.norm.std if self._std is None else self._std
+        return v / std ** power
 
     def _apply(self, v: Tensor, weight: Tensor) -> Tensor:
         if isinstance(self.layer, nn.Conv2d):
@@ -196,7 +209,8 @@ class PowerIterationResult:
 
 
 def masked_operator_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Optional[Tensor],
-                         v0: Tensor, *, max_iter: int, tol: float = 0.0) -> PowerIterationResult:
+                         v0: Tensor, *, max_iter: int, tol: float = 0.0,
+                         work_dtype: Optional[torch.dtype] = None) -> PowerIterationResult:
     """Spectral norm of ``A_b = diag(row_mask_b) W diag(col_mask_b)`` for every sample b.
 
     Batched power iteration on A^T A from ``v0`` (warm start or random); a sample
@@ -204,11 +218,21 @@ def masked_operator_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Opt
     others keep iterating. ``tol=0`` runs exactly ``max_iter`` iterations. The
     estimate approaches ||A_b|| from below. The returned sigma is recomputed
     with gradient through W (v detached), i.e. d sigma / dW = u v^T.
+    ``work_dtype`` (e.g. float32 for a float64 model) runs the iterations in a
+    cheaper dtype; sigma is still evaluated in the model's dtype at the final v,
+    so it stays a Rayleigh-quotient estimate from below (vector error enters it
+    only quadratically).
     """
     batch = v0.shape[0]
+    full_op, full_col, full_row = op, col_mask, row_mask
+    if work_dtype is not None and work_dtype != op.weight.dtype:
+        op = op.cast(work_dtype)
+        v0 = v0.to(work_dtype)
+        col_mask = None if col_mask is None else col_mask.to(work_dtype)
+        row_mask = None if row_mask is None else row_mask.to(work_dtype)
 
-    def apply(v, cm, rm):
-        out = op.linear(v if cm is None else v * cm)
+    def apply(v, cm, rm, o=op):
+        out = o.linear(v if cm is None else v * cm)
         return out if rm is None else out * rm
 
     def apply_t(u, cm, rm):
@@ -222,26 +246,114 @@ def masked_operator_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Opt
         active = torch.arange(batch, device=v.device)
         iters = 0
         for iters in range(1, max_iter + 1):
+            if tol <= 0:  # fixed iteration count: no bookkeeping of converged samples
+                u = apply(v, col_mask, row_mask)
+                sigma = _batch_norm(u)
+                v = _normalize(apply_t(u, col_mask, row_mask))
+                continue
             cm = None if col_mask is None else (col_mask if col_mask.shape[0] == 1 else col_mask[active])
             rm = None if row_mask is None else (row_mask if row_mask.shape[0] == 1 else row_mask[active])
             va = v[active]
             u = apply(va, cm, rm)
             s = _batch_norm(u)
             v[active] = _normalize(apply_t(u, cm, rm))
-            if tol > 0:
-                done = (s - sigma[active]).abs() <= tol * s
-                sigma[active] = s
-                converged[active[done]] = True
-                active = active[~done]
-                if active.numel() == 0:
-                    break
-            else:
-                sigma[active] = s
+            done = (s - sigma[active]).abs() <= tol * s
+            sigma[active] = s
+            converged[active[done]] = True
+            active = active[~done]
+            if active.numel() == 0:
+                break
         if tol <= 0:
             converged[:] = True
-    v = v.detach()
-    sigma = _batch_norm(apply(v, col_mask, row_mask))
+    v = v.detach().to(full_op.weight.dtype)
+    sigma = _batch_norm(apply(v, full_col, full_row, full_op))
     return PowerIterationResult(sigma, v, iters, converged)
+
+
+def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_mask: Optional[Tensor],
+                                 v0: Tensor, *, max_iter: int, tol: float, krylov: int = 24,
+                                 work_dtype: Optional[torch.dtype] = None) -> PowerIterationResult:
+    """Same quantity as ``masked_operator_norm``, by restarted Lanczos on A^T A (batched).
+
+    Each cycle builds a ``krylov``-dimensional Krylov space (full
+    reorthogonalisation) and takes the top Ritz value, which, like a power
+    iteration, approaches ||A_b||^2 from below, but converges with the square
+    root of the spectral gap instead of the gap. A sample stops once the
+    residual of its top Ritz pair, ||B y - theta y|| = beta_j |s_j|, is at most
+    ``tol * theta``; an unconverged sample restarts from its Ritz vector. ``max_iter`` caps the
+    applications of A^T A. sigma is finally recomputed as ||A y|| at the Ritz
+    vector y in the model's dtype, with gradient through W.
+    """
+    if tol <= 0:
+        raise ValueError("Lanczos needs a convergence tolerance > 0")
+    batch = v0.shape[0]
+    full_op, full_col, full_row = op, col_mask, row_mask
+    if work_dtype is not None and work_dtype != op.weight.dtype:
+        op = op.cast(work_dtype)
+        v0 = v0.to(work_dtype)
+        col_mask = None if col_mask is None else col_mask.to(work_dtype)
+        row_mask = None if row_mask is None else row_mask.to(work_dtype)
+
+    def gram(v, cm, rm):  # A^T A v
+        u = op.linear(v if cm is None else v * cm)
+        u = u if rm is None else u * rm
+        out = op.transpose(u if rm is None else u * rm)
+        return out if cm is None else out * cm
+
+    def pick(mask, idx):
+        return None if mask is None else (mask if mask.shape[0] == 1 else mask[idx])
+
+    with torch.no_grad():
+        v = _normalize(v0 if col_mask is None else v0 * col_mask).flatten(1).clone()
+        theta = torch.zeros(batch, dtype=v.dtype, device=v.device)
+        converged = torch.zeros(batch, dtype=torch.bool, device=v.device)
+        active = torch.arange(batch, device=v.device)
+        used = 0
+        shape = op.in_shape
+        while active.numel() and used < max_iter:
+            cm, rm = pick(col_mask, active), pick(row_mask, active)
+            n_act = active.numel()
+            q = v[active]
+            basis = [q]
+            alphas, betas = [], []
+            prev = theta[active].sqrt()
+            done = torch.zeros(n_act, dtype=torch.bool, device=v.device)
+            best_s = None
+            steps = min(krylov, max_iter - used)
+            for j in range(steps):
+                w = gram(basis[-1].view(n_act, *shape), cm, rm).flatten(1)
+                used += 1
+                alpha = (w * basis[-1]).sum(1)
+                Q = torch.stack(basis, 1)  # [n, j+1, d]
+                for _ in range(2):  # full reorthogonalisation, twice for stability
+                    w = w - torch.einsum("njd,nj->nd", Q, torch.einsum("njd,nd->nj", Q, w))
+                beta = w.norm(dim=1)
+                alphas.append(alpha)
+                T = torch.diag_embed(torch.stack(alphas, 1))
+                if betas:
+                    off = torch.stack(betas, 1)
+                    T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+                evals, evecs = torch.linalg.eigh(T.double())
+                top = evals[:, -1].clamp_min(0).sqrt().to(v.dtype)
+                best_s = evecs[:, :, -1].to(v.dtype)
+                theta_j = evals[:, -1].clamp_min(0)
+                residual = beta.double() * best_s.double()[:, -1].abs()
+                done = done | (residual <= tol * theta_j) | (beta <= 1e-12 * alpha.abs().clamp_min(1e-30))
+                prev = top
+                if bool(done.all()) or j == steps - 1:
+                    break
+                betas.append(beta)
+                basis.append(w / torch.where(beta > 0, beta, torch.ones_like(beta))[:, None])
+            Q = torch.stack(basis, 1)
+            ritz = _normalize(torch.einsum("njd,nj->nd", Q, best_s[:, :Q.shape[1]]))
+            v[active] = ritz
+            theta[active] = prev.square()
+            converged[active[done]] = True
+            active = active[~done]
+    v = v.view(batch, *op.in_shape).to(full_op.weight.dtype)
+    u = full_op.linear(v if full_col is None else v * full_col)
+    sigma = _batch_norm(u if full_row is None else u * full_row)
+    return PowerIterationResult(sigma, v, used, converged)
 
 
 # --------------------------------------------------------------------------- global bound
@@ -381,15 +493,20 @@ def _bcast(t: Tensor, like: Tensor) -> Tensor:
 
 
 def local_bound(model: nn.Sequential, x: Tensor, eps: Union[float, Tensor], *, max_iter: int = 100,
-                tol: float = 1e-4, init: str = "global", generator: Optional[torch.Generator] = None
-                ) -> LocalBound:
+                tol: float = 1e-4, init: str = "global", generator: Optional[torch.Generator] = None,
+                work_dtype: Optional[torch.dtype] = None, method: str = "power") -> LocalBound:
     """Local Lipschitz bound of the penultimate features on B(x, eps), per sample.
 
     init="global": power iteration starts from the model's global singular
       vectors (training: few iterations suffice); init="random": from a seeded
       Gaussian (certification: nothing tuned on the evaluated points).
     Differentiable when grad is enabled (norms as v^T-detached sigma).
+    ``work_dtype``: dtype of the power iterations (see ``masked_operator_norm``).
+    method="power" (fixed or tolerance-stopped power iteration) or "lanczos"
+    (restarted Lanczos to ``tol``; far fewer operator applications).
     """
+    if method not in ("power", "lanczos"):
+        raise ValueError(f"method must be 'power' or 'lanczos', got {method!r}")
     ops, acts = network_layers(model)
     expected = tuple(ops[0].in_shape)
     if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
@@ -419,7 +536,8 @@ def local_bound(model: nn.Sequential, x: Tensor, eps: Union[float, Tensor], *, m
         else:
             v0 = torch.randn((x.shape[0],) + op.in_shape, generator=generator, dtype=x.dtype,
                              device="cpu" if generator is None else generator.device).to(x.device)
-        res = masked_operator_norm(op, col_mask, row_mask, v0, max_iter=max_iter, tol=tol)
+        norm_fn = masked_operator_norm_lanczos if method == "lanczos" else masked_operator_norm
+        res = norm_fn(op, col_mask, row_mask, v0, max_iter=max_iter, tol=tol, work_dtype=work_dtype)
         norms.append(res.sigma)
         iterations.append(res.iterations)
         converged &= res.converged

@@ -28,13 +28,28 @@ Neither orchestrator redoes the other's work:
   (``snakemake --touch --forceall``, which also records its metadata) --
   ``snakemake -n`` then has nothing to do.
 
-Command line (run from the repository root)::
+Typical use (from the repository root)::
 
-    python -m locallip.orchestrate dvc   [-e EXP ...] [--configfile F] [--check] [OVERRIDE ...]
+    snakemake --cores 2                                  # mnist5k report (+ its GloRo baseline)
+    snakemake --cores 2 results/smoke/report.md          # any results/<experiment>/report.md
+    snakemake --cores 2 --config overrides='["train.epochs=5"]'   # targets before --config
+    python -m locallip.orchestrate commit [train.epochs=5]  # after snakemake, same overrides
+    dvc repro                                            # same pipeline under DVC (nothing to do now)
+    dvc push                                             # default remote `local`
+    git clone ... && dvc pull && python -m locallip.orchestrate sync   # snakemake -n: nothing to do
+
+Commands::
+
+    python -m locallip.orchestrate dvc    [-e EXP ...] [--configfile F] [--check] [OVERRIDE ...]
     python -m locallip.orchestrate commit [-e EXP ...] [--configfile F] [OVERRIDE ...]
-    python -m locallip.orchestrate sync  [--cores N]
+    python -m locallip.orchestrate sync   [--cores N]
     python -m locallip.orchestrate code-deps [STAGE ...]
     python -m locallip.orchestrate stage-json EXPERIMENT STAGE [--radius R] [OVERRIDE ...]
+
+``-e``/``OVERRIDE`` select experiments and add Hydra overrides on top of the
+Snakemake config (``workflow/config/config.yaml`` or ``--configfile``); use the
+same ones you gave Snakemake. ``params.yaml`` records them (``_orchestrate``),
+so ``sync`` in a fresh clone needs no arguments.
 """
 from __future__ import annotations
 
@@ -229,6 +244,17 @@ def radii(cfg: dict) -> List[float]:
     return [float(r) for r in cfg["certify"]["radii"]]
 
 
+def certify_radii(cfgs: Mapping[str, dict], names: Sequence[str]) -> Dict[str, List[float]]:
+    """Radii each experiment is certified at: its own, plus those of the reports that show it
+    as their baseline (a report compares both at the main experiment's radii)."""
+    out = {n: radii(cfgs[n]) for n in names}
+    for n in names:
+        b = baseline(cfgs[n])
+        if b is not None and b in out:
+            out[b] += [r for r in radii(cfgs[n]) if r not in out[b]]
+    return out
+
+
 def parse_radius_tag(tag: str) -> float:
     """A file-name radius tag back to the radius; only the canonical spelling is accepted."""
     try:
@@ -312,6 +338,7 @@ def dvc_pipeline(cfgs: Mapping[str, dict], names: Sequence[str], src_dir: Path =
     pf = params_file
     stages: dict = {}
     plots: list = []
+    all_radii = certify_radii(cfgs, names)
     for n in names:
         cfg = cfgs[n]
         splits, model, metrics = str(paths.splits(n)), str(paths.model(n)), str(paths.train_metrics(n))
@@ -338,7 +365,7 @@ def dvc_pipeline(cfgs: Mapping[str, dict], names: Sequence[str], src_dir: Path =
             "outs": [cal_model],
             "metrics": [calibration],
         }
-        for r in radii(cfg):
+        for r in all_radii[n]:
             cert, table = str(paths.certificate(n, r)), str(paths.certificate_table(n, r))
             stages[dvc_stage_name("certify", n, r)] = {
                 "cmd": (f"locallip certify --cfg-file {pf} --cfg-key {n}.certify --radius {radius_tag(r)} "
@@ -475,7 +502,7 @@ def cmd_commit(args) -> int:
         return 1
     for p, text in dvc_files(settings).items():
         p.write_text(text)
-    rc = _run(["dvc", "commit", "--force"]).returncode
+    rc = _run([sys.executable, "-m", "dvc", "commit", "--force"]).returncode
     if rc != 0:
         return rc
     # dvc commit re-links the files into the workspace, which renews their mtimes in no
@@ -499,7 +526,7 @@ def cmd_sync(args) -> int:
               f"another configuration. Regenerate (`python -m locallip.orchestrate dvc`) and "
               f"`dvc repro` instead.", file=sys.stderr)
         return 1
-    p = _run(["dvc", "status", "--json"], capture=True)
+    p = _run([sys.executable, "-m", "dvc", "status", "--json"], capture=True)
     if p.returncode != 0:
         print(p.stdout + p.stderr, file=sys.stderr)
         return p.returncode

@@ -214,8 +214,9 @@ def masked_operator_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Opt
     """Spectral norm of ``A_b = diag(row_mask_b) W diag(col_mask_b)`` for every sample b.
 
     Batched power iteration on A^T A from ``v0`` (warm start or random); a sample
-    stops once its estimate changes by at most ``tol`` (relative) and only the
-    others keep iterating. ``tol=0`` runs exactly ``max_iter`` iterations. The
+    stops once the residual ||A^T A v - rho v|| of its Rayleigh quotient rho is at
+    most ``tol * rho``, and only the others keep iterating. ``tol=0`` runs exactly
+    ``max_iter`` iterations. The
     estimate approaches ||A_b|| from below. The returned sigma is recomputed
     with gradient through W (v detached), i.e. d sigma / dW = u v^T.
     ``work_dtype`` (e.g. float32 for a float64 model) runs the iterations in a
@@ -255,17 +256,23 @@ def masked_operator_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Opt
             rm = None if row_mask is None else (row_mask if row_mask.shape[0] == 1 else row_mask[active])
             va = v[active]
             u = apply(va, cm, rm)
-            s = _batch_norm(u)
-            v[active] = _normalize(apply_t(u, cm, rm))
-            done = (s - sigma[active]).abs() <= tol * s
-            sigma[active] = s
+            w = apply_t(u, cm, rm)  # A^T A v
+            rho = (w * va).flatten(1).sum(1)  # Rayleigh quotient, <= ||A||^2
+            residual = (w - rho.view(-1, *([1] * (w.dim() - 1))) * va).flatten(1).norm(dim=1)
+            v[active] = _normalize(w)
+            # Residual test (not "small change"): a stalled iterate on a clustered spectrum
+            # still has a large residual, so it is not declared converged.
+            done = residual <= tol * rho.clamp_min(0)
+            sigma[active] = _batch_norm(u)
             converged[active[done]] = True
             active = active[~done]
             if active.numel() == 0:
                 break
         if tol <= 0:
             converged[:] = True
-    v = v.detach().to(full_op.weight.dtype)
+    # Re-normalise in the model's dtype: a float32 unit vector is not unit in float64, and
+    # ||A v|| with ||v|| slightly > 1 could exceed ||A||.
+    v = _normalize(v.detach().to(full_op.weight.dtype))
     sigma = _batch_norm(apply(v, full_col, full_row, full_op))
     return PowerIterationResult(sigma, v, iters, converged)
 
@@ -318,7 +325,8 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
             alphas, betas = [], []
             prev = theta[active].sqrt()
             done = torch.zeros(n_act, dtype=torch.bool, device=v.device)
-            best_s = None
+            final_s = torch.zeros(n_act, krylov, dtype=v.dtype, device=v.device)  # Ritz coefficients
+            final_top = prev.clone()
             steps = min(krylov, max_iter - used)
             for j in range(steps):
                 w = gram(basis[-1].view(n_act, *shape), cm, rm).flatten(1)
@@ -334,23 +342,28 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
                     off = torch.stack(betas, 1)
                     T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
                 evals, evecs = torch.linalg.eigh(T.double())
-                top = evals[:, -1].clamp_min(0).sqrt().to(v.dtype)
-                best_s = evecs[:, :, -1].to(v.dtype)
                 theta_j = evals[:, -1].clamp_min(0)
-                residual = beta.double() * best_s.double()[:, -1].abs()
-                done = done | (residual <= tol * theta_j) | (beta <= 1e-12 * alpha.abs().clamp_min(1e-30))
-                prev = top
+                s_j = evecs[:, :, -1]
+                residual = beta.double() * s_j[:, -1].abs()
+                # Samples already done keep their Ritz pair: their later basis vectors are
+                # zeros (below), so they never take in noise from an exhausted Krylov space.
+                live = ~done
+                final_s[live, :j + 1] = s_j[live].to(v.dtype)
+                final_top[live] = theta_j[live].sqrt().to(v.dtype)
+                exhausted = beta <= 1e-12 * alpha.abs().clamp_min(1e-30)
+                done = done | (residual <= tol * theta_j) | exhausted
                 if bool(done.all()) or j == steps - 1:
                     break
-                betas.append(beta)
-                basis.append(w / torch.where(beta > 0, beta, torch.ones_like(beta))[:, None])
+                betas.append(torch.where(done, torch.zeros_like(beta), beta))
+                safe = torch.where(beta > 0, beta, torch.ones_like(beta))[:, None]
+                basis.append(torch.where(done[:, None], torch.zeros_like(w), w / safe))
             Q = torch.stack(basis, 1)
-            ritz = _normalize(torch.einsum("njd,nj->nd", Q, best_s[:, :Q.shape[1]]))
+            ritz = _normalize(torch.einsum("njd,nj->nd", Q, final_s[:, :Q.shape[1]]))
             v[active] = ritz
-            theta[active] = prev.square()
+            theta[active] = final_top.square()
             converged[active[done]] = True
             active = active[~done]
-    v = v.view(batch, *op.in_shape).to(full_op.weight.dtype)
+    v = _normalize(v.view(batch, *op.in_shape).to(full_op.weight.dtype))
     u = full_op.linear(v if full_col is None else v * full_col)
     sigma = _batch_norm(u if full_row is None else u * full_row)
     return PowerIterationResult(sigma, v, used, converged)

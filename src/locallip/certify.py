@@ -47,7 +47,7 @@ def local_guarantee(tol: float, max_iter: int, method: str = "lanczos") -> str:
 
 
 def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, bound: str = "local", *,
-            max_iter: int = 1000, tol: float = 1e-6, last_layer: str = "ball_box",
+            max_iter: int = 2000, tol: float = 1e-4, last_layer: str = "ball_box",
             generator: Optional[torch.Generator] = None,
             global_result: Optional[GlobalBound] = None,
             work_dtype: Optional[torch.dtype] = torch.float32, method: str = "lanczos") -> Certificate:
@@ -129,7 +129,7 @@ def certify_dataset(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg: 
     attack = cfg.get("attack", {})
     audited = broken = 0
     t0 = time.perf_counter()
-    bar = tqdm(range(0, x.shape[0], batch), desc=f"certify r={radius:g}", disable=not progress, unit="batch")
+    bar = tqdm(range(0, x.shape[0], batch), desc=f"certify r={radius:g}", disable=None if progress else True, unit="batch")
     for start in bar:
         xb = x[start:start + batch].to(device=device, dtype=dtype)
         yb = y[start:start + batch].to(device)

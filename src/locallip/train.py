@@ -200,7 +200,7 @@ def run_train(cfg: dict, data: Path, out: Path, metrics: Path, state: Path) -> d
         perm = torch.randperm(n, generator=gen)
         total, fixed, count = 0.0, [], 0
         bar = tqdm(range(steps), desc=f"{cfg['name']} epoch {epoch + 1}/{tc['epochs']}",
-                   disable=not tc["progress"], unit="step", leave=False)
+                   disable=None if tc["progress"] else True, unit="step", leave=False)
         for i in bar:
             idx = perm[i * bs:(i + 1) * bs]
             xb, yb = x_train[idx], y_train[idx]

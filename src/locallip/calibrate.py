@@ -32,7 +32,12 @@ def _set_scales(model: nn.Module, base: List[Dict[str, torch.Tensor]], scales: L
 
 def calibrate_thresholds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bound: str, cfg: dict,
                          log=print) -> dict:
-    """Search threshold scales; leaves the model at the chosen scales. Returns what was tried."""
+    """Search threshold scales; leaves the model at the chosen scales. Returns what was tried.
+
+    First one scale for every layer (each of ``scales``), then, if ``per_layer``,
+    one coordinate pass moving each layer's scale to its grid neighbours.
+    Candidates losing more than ``max_clean_drop`` clean accuracy are rejected.
+    """
     layers = threshold_layers(model)
     base = [{n: p.detach().clone() for n, p in layer.named_parameters() if n.startswith("theta")}
             for layer in layers]
@@ -68,10 +73,13 @@ def calibrate_thresholds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bou
             best_scales, best = cand, r
     chosen_uniform = best_scales[0]
     if cfg.get("per_layer", True) and len(layers) > 1:
+        grid = sorted({float(s) for s in cfg["scales"]} | {1.0})
         for i in range(len(layers)):
-            for s in cfg["scales"]:
+            # One coordinate step per layer: the grid neighbours of its current scale.
+            k = grid.index(best_scales[i]) if best_scales[i] in grid else 0
+            for s in grid[max(k - 1, 0):k + 2]:
                 cand = list(best_scales)
-                cand[i] = float(s)
+                cand[i] = s
                 if cand == best_scales:
                     continue
                 r, ok = consider(cand, i)

@@ -12,25 +12,19 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from locallip.activations import ClippedMaxMin, ClippedReLU, LipschitzActivation, MaxMin, ReLU, make_activation
 from locallip.bounds import local_bound, network_layers
 from locallip.empirical import random_points_in_ball
+from net_helpers import fit_briefly
 from locallip.models import LipschitzNet, build_model
 
 DT = torch.float64
 ACTS = ["relu", "clipped_relu", "maxmin", "clipped_maxmin"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and stall badly on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _act(name: str, shape, seed: int = 0) -> LipschitzActivation:
@@ -249,14 +243,7 @@ def _model(kind: str, act: str, trained: bool) -> LipschitzNet:
         g = torch.Generator().manual_seed(2)
         x = torch.rand((64,) + tuple(model.input_shape), generator=g)
         y = ((x.flatten(1) - 0.5) @ torch.randn(x[0].numel(), 3, generator=g)).argmax(1)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(40):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            for m in model.modules():
-                if hasattr(m, "clamp_thresholds_"):
-                    m.clamp_thresholds_()
+        fit_briefly(model, x, y, steps=40, lr=3e-3)
     return model.to(DT).eval()
 
 

@@ -25,6 +25,7 @@ from locallip.bounds import (AffineOp, bottom_logit, global_bound, global_margin
                              margin_lower_bounds, masked_operator_norm, masked_operator_norm_lanczos,
                              network_layers, penultimate, worst_case_logits, worst_margin)
 from locallip.empirical import empirical_lipschitz, jacobian_norm, random_points_in_ball
+from net_helpers import fit_briefly
 from locallip.models import LipschitzNet, Normalize, build_model
 
 DT = torch.float64
@@ -32,20 +33,7 @@ ACTS = ["relu", "clipped_relu", "maxmin", "clipped_maxmin"]
 TIGHT = dict(init="random", tol=1e-10, max_iter=20000)  # converged power iteration for the checks
 
 
-@pytest.fixture(autouse=True)
-def _own_rng():
-    """Tests seed the global RNG for layer initialisation; keep that from leaking into other tests."""
-    with torch.random.fork_rng():
-        yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and stall badly on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("own_rng", "one_thread")
 
 
 # --------------------------------------------------------------------------- model zoo
@@ -102,15 +90,8 @@ def train_briefly(model: nn.Module, steps: int, seed: int) -> None:
     x = torch.rand((64,) + tuple(shape), generator=gen)
     teacher = torch.randn(x[0].numel(), model.num_classes, generator=gen)
     y = ((x.flatten(1) - 0.5) @ teacher).argmax(1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        for m in model.modules():
-            if hasattr(m, "clamp_thresholds_"):
-                m.clamp_thresholds_()
+    fit_briefly(model, x, y, steps=steps, lr=3e-3)
 
 
 @functools.lru_cache(maxsize=None)

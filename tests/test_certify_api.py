@@ -11,33 +11,20 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from locallip.activations import make_activation
 from locallip.attack import pgd_l2
 from locallip.bounds import AffineOp, global_bound, local_bound, network_layers
 from locallip.certify import certify
+from net_helpers import fit_briefly
 from locallip.models import LipschitzNet
 
 DT = torch.float64
 ACTS = ["relu", "clipped_relu", "maxmin", "clipped_maxmin"]
 
 
-@pytest.fixture(autouse=True)
-def _own_rng():
-    """Tests seed the global RNG for layer initialisation; keep that from leaking into other tests."""
-    with torch.random.fork_rng():
-        yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and stall badly on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("own_rng", "one_thread")
 
 
 def _data(n: int, seed: int, noise: float = 0.15):
@@ -67,14 +54,7 @@ def _trained(kind: str, act: str) -> LipschitzNet:
         torch.manual_seed(0)
         model = _dense(act) if kind == "dense" else _conv(act)
     x, y = _data(128, 0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        for m in model.modules():
-            if hasattr(m, "clamp_thresholds_"):
-                m.clamp_thresholds_()
+    fit_briefly(model, x, y, steps=60, lr=1e-2)
     return model.to(DT).eval()
 
 

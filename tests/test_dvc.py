@@ -182,9 +182,11 @@ def test_dag_connects_the_stages(tmp_path):
     init_git_dvc(project, tmp_path / "remote")
     dot = dvc(project, "dag", "--dot").stdout
     edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
+    from locallip.config import compose, radius_tag
+    r = radius_tag(compose("mnist5k")["certify"]["radii"][-1]).replace(".", "_")
     for a, b in [("download-mnist5k", "train-mnist5k"), ("train-mnist5k", "calibrate-mnist5k"),
-                 ("calibrate-mnist5k", "certify-mnist5k-1_58"), ("certify-mnist5k-1_58", "report-mnist5k"),
-                 ("certify-mnist5k_gloro-1_58", "report-mnist5k"), ("train-mnist5k_gloro", "report-mnist5k")]:
+                 ("calibrate-mnist5k", f"certify-mnist5k-{r}"), (f"certify-mnist5k-{r}", "report-mnist5k"),
+                 (f"certify-mnist5k_gloro-{r}", "report-mnist5k"), ("train-mnist5k_gloro", "report-mnist5k")]:
         assert (a, b) in edges, (a, b, sorted(edges))
     assert ("train-mnist5k", "report-mnist5k") in edges  # the report reads the train metrics
 

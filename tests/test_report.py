@@ -376,10 +376,10 @@ def test_reproduce_with_overrides_of_real_experiment(tmp_path):
     R.run_report(cfg, main, out)
     text = out.read_text()
     assert "exactly what `config/experiment/smoke.yaml` composes to" in text
-    cfg["train"]["epochs"] = 3
+    cfg["train"]["epochs"] += 4
     R.run_report(cfg, main, out)
     text = out.read_text()
-    assert "locallip train experiment=smoke train.epochs=3" in text
+    assert f"locallip train experiment=smoke train.epochs={cfg['train']['epochs']}" in text
     assert "differ from what `config/experiment/smoke.yaml` composes to" in text
 
 

@@ -246,3 +246,22 @@ def test_cli_wrong_input_shape_is_reported(smoke, tmp_path, capsys, monkeypatch)
                         "--data", str(smoke["dir"] / "splits.npz"), "--model", str(tmp_path / "cifar.pt"),
                         "--out", str(tmp_path / "c.json"), "--table", str(tmp_path / "c.csv")], capsys)
     assert rc == 2 and "(1, 28, 28)" in err and not (tmp_path / "c.json").exists()
+
+
+def test_a_broken_certificate_fails_the_stage_loudly(smoke, tmp_path, capsys, monkeypatch):
+    """If the audit attack ever breaks a certified point, certify exits non-zero and writes no result."""
+    import locallip.attack as attack_mod
+
+    def always_breaks(model, x, y, eps, **kw):
+        return torch.full((x.shape[0],), -1.0, dtype=x.dtype)
+
+    monkeypatch.setattr(attack_mod, "pgd_l2", always_breaks)
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "c.json"
+    rc, err = _run_cli(["certify", "--cfg-json", json.dumps(_certify_cfg(smoke, 0.1)),
+                        "--data", str(smoke["dir"] / "splits.npz"), "--model", str(smoke["dir"] / "model.pt"),
+                        "--out", str(out), "--table", str(tmp_path / "c.csv")], capsys)
+    assert rc == 3 and "AUDIT FAILED" in err
+    assert not out.exists() and not (tmp_path / "c.csv").exists()
+    details = json.loads((tmp_path / "c.json.audit-failed.json").read_text())
+    assert details["summary"]["attack"]["broken"] == len(details["broken"]) > 0

@@ -18,7 +18,7 @@ estimates run to a stated tolerance, and every result says which it carries.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -200,6 +200,15 @@ def _normalize(v: Tensor) -> Tensor:
     return v / torch.where(n > 0, n, torch.ones_like(n)).view(-1, *([1] * (v.dim() - 1)))
 
 
+def _in_dtype(dtype: Optional[torch.dtype], op: AffineOp, v0: Tensor, col_mask: Optional[Tensor],
+              row_mask: Optional[Tensor]):
+    """The operator, start vector and masks in ``dtype`` (unchanged when None or already so)."""
+    if dtype is None or dtype == op.weight.dtype:
+        return op, v0, col_mask, row_mask
+    return (op.cast(dtype), v0.to(dtype), None if col_mask is None else col_mask.to(dtype),
+            None if row_mask is None else row_mask.to(dtype))
+
+
 @dataclass
 class PowerIterationResult:
     sigma: Tensor  # [B] ||A v|| at the final v (differentiable w.r.t. the weights when grad is on)
@@ -226,11 +235,7 @@ def masked_operator_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Opt
     """
     batch = v0.shape[0]
     full_op, full_col, full_row = op, col_mask, row_mask
-    if work_dtype is not None and work_dtype != op.weight.dtype:
-        op = op.cast(work_dtype)
-        v0 = v0.to(work_dtype)
-        col_mask = None if col_mask is None else col_mask.to(work_dtype)
-        row_mask = None if row_mask is None else row_mask.to(work_dtype)
+    op, v0, col_mask, row_mask = _in_dtype(work_dtype, op, v0, col_mask, row_mask)
 
     def apply(v, cm, rm, o=op):
         out = o.linear(v if cm is None else v * cm)
@@ -295,11 +300,7 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
         raise ValueError("Lanczos needs a convergence tolerance > 0")
     batch = v0.shape[0]
     full_op, full_col, full_row = op, col_mask, row_mask
-    if work_dtype is not None and work_dtype != op.weight.dtype:
-        op = op.cast(work_dtype)
-        v0 = v0.to(work_dtype)
-        col_mask = None if col_mask is None else col_mask.to(work_dtype)
-        row_mask = None if row_mask is None else row_mask.to(work_dtype)
+    op, v0, col_mask, row_mask = _in_dtype(work_dtype, op, v0, col_mask, row_mask)
 
     def gram(v, cm, rm):  # A^T A v
         u = op.linear(v if cm is None else v * cm)

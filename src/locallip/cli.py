@@ -227,12 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .certify import AuditFailure
     from .io import CheckpointError
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"locallip {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except AuditFailure as e:
+        print(f"locallip {args.command}: CERTIFICATE AUDIT FAILED: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"locallip {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -225,9 +225,9 @@ def validate(cfg: dict) -> dict:
     _check(t["bound"] in ("local", "global"), f"train.bound must be local or global, got {t['bound']!r}")
     _check(t["loss"] in ("bcp_mix", "gloro", "gloro_trades"),
            f"train.loss must be bcp_mix, gloro or gloro_trades, got {t['loss']!r}")
-    _check(t["last_layer"] in ("ball", "ball_box"), f"train.last_layer must be ball or ball_box")
+    _check(t["last_layer"] in ("ball", "ball_box"), "train.last_layer must be ball or ball_box")
     _check(t["ramp"] in ("linear", "log"), f"train.ramp must be linear or log, got {t['ramp']!r}")
-    _check(t["device"] in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda")
+    _check(t["device"] in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda")
     for k in ("eps", "eps_train", "lr", "weight_decay", "sparsity_weight", "kappa_end", "trades_lambda"):
         _finite_nonneg(t[k], f"train.{k}")
     _check(t["epochs"] >= 1 and t["batch_size"] >= 1, "train.epochs and train.batch_size must be >= 1")

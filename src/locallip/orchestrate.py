@@ -56,8 +56,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path

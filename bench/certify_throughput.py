@@ -1,0 +1,173 @@
+"""Certification throughput: ``certify`` (local bound, default Lanczos settings) vs the reference settings.
+
+Reference = a fixed 2000 power iterations per layer from a random start:
+``certify(..., method="power", tol=0.0, max_iter=2000)``. Fast = the certify stage's
+defaults from ``config/certify/default.yaml`` (method lanczos, its tol and max_iter).
+Both run on the same test points of a trained ``mnist5k`` model (float64 model,
+float32 iterations, batches of ``certify.batch_size``, the guaranteed global bound
+computed once outside the timed region -- exactly as ``certify_dataset`` does),
+interleaved round by round. Reports samples/s of each, the speed-up per round, and
+the certified accuracy of both (they must agree within 0.5 points).
+
+Also checks that ``tol=0`` runs exactly ``max_iter`` iterations in
+``masked_operator_norm`` (by counting operator applications).
+
+    python -m bench.certify_throughput [--quick] [--n 300] [--train]
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict
+
+from bench._common import interleaved, machine_info, parser, ratios, set_threads, spread, trained_model, write_result
+
+import torch
+
+TARGET_SPEEDUP = 10.0
+MAX_ACC_GAP_POINTS = 0.5
+REFERENCE = {"method": "power", "tol": 0.0, "max_iter": 2000}
+
+
+def check_fixed_iterations(model, x: torch.Tensor, eps: float, max_iter: int = REFERENCE["max_iter"]) -> dict:
+    """Count operator applications of a tol=0 power iteration: must be exactly max_iter per layer."""
+    from locallip import bounds
+
+    counts = {"linear": 0, "transpose": 0}
+    orig_linear, orig_transpose = bounds.AffineOp.linear, bounds.AffineOp.transpose
+
+    def linear(self, v):
+        counts["linear"] += 1
+        return orig_linear(self, v)
+
+    def transpose(self, u):
+        counts["transpose"] += 1
+        return orig_transpose(self, u)
+
+    bounds.AffineOp.linear, bounds.AffineOp.transpose = linear, transpose
+    try:
+        with torch.no_grad():
+            lb = bounds.local_bound(model, x, eps, method="power", tol=0.0, max_iter=max_iter, init="random",
+                                    generator=torch.Generator().manual_seed(0), work_dtype=torch.float32)
+    finally:
+        bounds.AffineOp.linear, bounds.AffineOp.transpose = orig_linear, orig_transpose
+    layers = len(lb.iterations)
+    # per layer: max_iter applications of A and A^T, plus one final ||A v|| in the model's dtype
+    ok = (all(i == max_iter for i in lb.iterations) and counts["transpose"] == layers * max_iter
+          and counts["linear"] == layers * (max_iter + 1) and bool(lb.converged.all()))
+    out = {"max_iter": max_iter, "layers": layers, "reported_iterations": list(lb.iterations),
+           "A_applications": counts["linear"], "AT_applications": counts["transpose"],
+           "expected_A": layers * (max_iter + 1), "expected_AT": layers * max_iter, "ok": ok}
+    if not ok:
+        raise AssertionError(f"tol=0 did not run exactly max_iter iterations: {out}")
+    return out
+
+
+def certify_all(model, x, y, eps, g, batch: int, seed: int, **kw) -> Dict[str, object]:
+    from locallip.certify import certify
+
+    gen = torch.Generator().manual_seed(seed)
+    certified, robust, bounds_, conv, iters = [], [], [], [], []
+    for s in range(0, x.shape[0], batch):
+        c = certify(model, x[s:s + batch], y[s:s + batch], eps, "local", generator=gen, global_result=g, **kw)
+        certified.append(c.certified)
+        bounds_.append(c.bound)
+        conv.append(c.converged)
+        iters.append(list(c.iterations))
+    return {"certified": torch.cat(certified), "bound": torch.cat(bounds_), "converged": torch.cat(conv),
+            "iterations": iters}
+
+
+def profile_fast(model, x, y, eps, g, seed: int, fast: dict, top: int = 10) -> dict:
+    """torch.profiler over one batch of the fast certification: where its time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        certify_all(model, x, y, eps, g, x.shape[0], seed, **fast)
+    avgs = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in avgs)
+    rows = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"batch": int(x.shape[0]), "self_cpu_s_total": total / 1e6,
+            "top_ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6,
+                         "share": e.self_cpu_time_total / max(total, 1e-9), "calls": e.count} for e in rows]}
+
+
+def main(argv=None) -> dict:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=None, help="test points (default 300, --quick 64)")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--train", action="store_true",
+                   help="train a model in bench/out even if results/mnist5k/train/model.pt exists")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs override when training here")
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    n = args.n or (64 if args.quick else 300)
+    rounds = args.rounds or (1 if args.quick else 3)
+    info = machine_info()
+    overrides = []
+    if args.epochs:
+        overrides = [f"train.epochs={args.epochs}", f"train.ramp_epochs={max(1, args.epochs // 2)}"]
+    elif args.quick and args.train:
+        overrides = ["train.epochs=2", "train.ramp_epochs=1"]
+    model, x_all, y_all, cfg, model_info = trained_model("mnist5k", overrides, reuse_results=not args.train)
+    cc = cfg["certify"]
+    eps = float((model_info.get("train") or cfg["train"])["eps"])
+    dtype = torch.float64 if cc["dtype"] == "float64" else torch.float32
+    model = model.to(dtype).eval()
+    x, y = x_all[:n].to(dtype), y_all[:n]
+    batch = int(cc["batch_size"])
+    fast = {"method": cc["method"], "tol": float(cc["tol"]), "max_iter": int(cc["max_iter"])}
+
+    from locallip.bounds import global_bound
+
+    iteration_check = check_fixed_iterations(model, x[:4], eps)
+    print(f"[certify_throughput] tol=0 check: {iteration_check['A_applications']} applications of A over "
+          f"{iteration_check['layers']} layers (expected {iteration_check['expected_A']}): ok", flush=True)
+    g = global_bound(model, method="guaranteed")
+    results: Dict[str, dict] = {}
+
+    def runner(name, kw):
+        def run():
+            results[name] = certify_all(model, x, y, eps, g, batch, int(cc["seed"]), **kw)
+        return run
+
+    print(f"[certify_throughput] {n} test points, eps {eps}, {rounds} rounds; fast={fast} reference={REFERENCE}",
+          flush=True)
+    times = interleaved({"fast": runner("fast", fast), "reference": runner("reference", REFERENCE)},
+                        rounds=rounds, per_round=1, warmup=0)
+    ref_iters = {i for batch_iters in results["reference"]["iterations"] for i in batch_iters}
+    assert ref_iters == {REFERENCE["max_iter"]}, f"reference ran {ref_iters} iterations, not {REFERENCE['max_iter']}"
+    acc = {k: float(r["certified"].double().mean()) for k, r in results.items()}
+    gap_points = abs(acc["fast"] - acc["reference"]) * 100
+    rel = (results["fast"]["bound"] - results["reference"]["bound"]) / results["reference"]["bound"]
+    speed = ratios(times, "reference", "fast")
+    data = {
+        "quick": args.quick, "machine": info, "model": model_info, "n": n, "eps": eps, "dtype": str(dtype),
+        "batch_size": batch, "fast_settings": fast, "reference_settings": REFERENCE,
+        "seconds": {k: spread(v) for k, v in times.items()},
+        "samples_per_s": {k: spread([n / t for t in v]) for k, v in times.items()},
+        "speedup": speed,
+        "certified_acc": acc, "certified_acc_gap_points": gap_points,
+        "per_sample_certificate_agreement": float((results["fast"]["certified"] == results["reference"]["certified"])
+                                                  .double().mean()),
+        "bound_rel_diff_fast_vs_reference": spread(rel.tolist()),
+        "fast_not_converged": int((~results["fast"]["converged"]).sum()),
+        "fast_iterations_per_layer_max": [max(b[l] for b in results["fast"]["iterations"])
+                                          for l in range(len(results["fast"]["iterations"][0]))],
+        "tol0_iteration_check": iteration_check,
+        "targets": {"speedup": {"target_min": TARGET_SPEEDUP, "median": speed["median"],
+                                "met": speed["median"] >= TARGET_SPEEDUP},
+                    "accuracy_agreement": {"max_gap_points": MAX_ACC_GAP_POINTS, "gap_points": gap_points,
+                                           "met": gap_points <= MAX_ACC_GAP_POINTS}},
+    }
+    if not args.quick:
+        data["fast_profile"] = profile_fast(model, x[:batch], y[:batch], eps, g, int(cc["seed"]), fast)
+    sps = data["samples_per_s"]
+    print(f"  fast {sps['fast']['median']:.1f} samples/s, reference {sps['reference']['median']:.2f} samples/s, "
+          f"speed-up {speed['median']:.1f}x (min {speed['min']:.1f}, max {speed['max']:.1f})")
+    print(f"  certified acc: fast {acc['fast']:.4f}, reference {acc['reference']:.4f} (gap {gap_points:.2f} points)")
+    write_result("certify_throughput", data, args.out)
+    return data
+
+
+if __name__ == "__main__":
+    main()

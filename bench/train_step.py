@@ -1,0 +1,237 @@
+"""Training-step cost: local-bound step vs plain cross-entropy and vs the GloRo global-bound step.
+
+One step = forward + loss + backward + Adam step (+ the threshold clamp ``run_train`` does),
+with ``locallip.train.robust_loss`` and the training configuration of the matching
+experiment (``mnist`` for 4C3F on 1x28x28, ``cifar10`` for 6C2F on 3x32x32), batch 128,
+random data, after the eps ramp (eps = eps_train, kappa = kappa_end = 0).
+
+Variants, interleaved round by round (see ``bench/_common.py``):
+  plain     cross-entropy of the clean logits
+  gloro     bound=global, loss=gloro (power_iters as configured)
+  local     bound=local, loss=bcp_mix, last_layer=ball_box (the Local-Lip training step)
+  local_ball  the same with last_layer=ball (shows what the BCP box intersection costs)
+  local_ball_nosparsity  (only where the config has sparsity_weight > 0) last_layer=ball and no
+              sparsity loss: the step whose backward skips the interval-bound chain
+
+Then a breakdown of the local step: wall time per region (instrumented wrappers around
+the library functions robust_loss calls) and a torch.profiler table of the top operators.
+
+    python -m bench.train_step [--quick] [--threads N]
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, List
+
+from bench._common import interleaved, machine_info, parser, ratios, set_threads, spread, write_result
+
+import torch
+import torch.nn.functional as F
+
+SETTINGS = [
+    # name, experiment whose train config is used, arch, input shape
+    {"name": "4c3f_mnist", "experiment": "mnist", "arch": "4c3f", "input_shape": (1, 28, 28)},
+    {"name": "6c2f_cifar", "experiment": "cifar10", "arch": "6c2f", "input_shape": (3, 32, 32)},
+]
+BATCH = 128
+TARGETS = {"local_over_plain": 3.0, "local_over_gloro": 1.5}
+
+
+def _setting_cfg(experiment: str) -> dict:
+    from bench._common import REPO
+    from locallip.config import compose
+
+    return compose(experiment, config_dir=REPO / "config")
+
+
+def make_step(model, cfg_train: dict | None, x_pool, y_pool, eps: float, kappa: float,
+              phases: Dict[str, List[float]] | None = None) -> Callable[[], float]:
+    """A closure running one training step on the next batch of the pool (cfg_train None = plain CE)."""
+    from locallip.train import clamp_thresholds, robust_loss
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    state = {"i": 0}
+
+    def step() -> float:
+        i = state["i"] % len(x_pool)
+        state["i"] += 1
+        x, y = x_pool[i], y_pool[i]
+        t0 = time.perf_counter()
+        if cfg_train is None:
+            loss = F.cross_entropy(model(x), y)
+        else:
+            loss, _ = robust_loss(model, x, y, eps, kappa, cfg_train)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        clamp_thresholds(model)
+        t3 = time.perf_counter()
+        if phases is not None:
+            phases["forward+loss"].append(t1 - t0)
+            phases["backward"].append(t2 - t1)
+            phases["optimizer"].append(t3 - t2)
+        return float(loss.detach())
+
+    return step
+
+
+# --------------------------------------------------------------------------- breakdown of the local step
+
+
+@contextmanager
+def instrumented(totals: Dict[str, float]):
+    """Wrap the library functions a local step calls with wall-clock accumulators (inclusive times)."""
+    from locallip import bounds, train
+
+    patches = []
+
+    def wrap(owner, attr, label):
+        orig = getattr(owner, attr)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, wrapper)
+        patches.append((owner, attr, orig))
+
+    wrap(train, "global_bound", "global_bound (power, 1 iter; local warm start)")
+    wrap(train, "local_bound", "local_bound (total)")
+    wrap(bounds.AffineOp, "forward", "  layer forward W h + b (clean + IBP centre)")
+    wrap(bounds.AffineOp, "abs_linear", "  IBP radius |W| r")
+    wrap(bounds.AffineOp, "row_norms", "  ball radius: masked row norms")
+    wrap(bounds, "masked_operator_norm", "  masked operator norms (power iteration + sigma with grad)")
+    wrap(train, "local_margins", "last layer margins (ball/ball_box)")
+    wrap(train, "bcp_mix_loss", "bcp_mix loss")
+    try:
+        yield totals
+    finally:
+        for owner, attr, orig in reversed(patches):
+            setattr(owner, attr, orig)
+
+
+def breakdown(model, cfg_train, x_pool, y_pool, eps: float, steps: int) -> dict:
+    """Per-region wall time of the local step (median step), and the profiler's top operators."""
+    phases = {"forward+loss": [], "backward": [], "optimizer": []}
+    step = make_step(model, cfg_train, x_pool, y_pool, eps, 0.0, phases)
+    step()  # warm-up
+    phases = {k: [] for k in phases}
+    step_phases = make_step(model, cfg_train, x_pool, y_pool, eps, 0.0, phases)
+    totals: Dict[str, float] = {}
+    with instrumented(totals):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step_phases()
+        wall = (time.perf_counter() - t0) / steps
+    regions = {k: v / steps for k, v in totals.items()}
+    regions.update({k: sum(v) / len(v) for k, v in phases.items()})
+    # torch.profiler: top operators by self CPU time (forward and backward ops are separate rows).
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(max(1, steps // 2)):
+            step()
+    n_prof = max(1, steps // 2)
+    avgs = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in avgs)
+    top = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    ops = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / n_prof,
+            "share": e.self_cpu_time_total / max(total_self, 1e-9), "calls_per_step": e.count / n_prof}
+           for e in top]
+    return {"mean_step_s": wall, "regions_s_per_step": regions, "top_ops": ops,
+            "note": "regions are inclusive wall times of instrumented library calls (nested: the indented "
+                    "ones are inside local_bound); backward is not split by region"}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) -> dict:
+    from locallip.models import build_model
+
+    cfg = _setting_cfg(setting["experiment"])
+    tc = dict(cfg["train"], batch_size=BATCH)
+    eps, kappa = float(tc["eps_train"]), float(tc["kappa_end"])
+    torch.manual_seed(0)
+    ds = cfg["dataset"]
+    base = build_model(setting["arch"], cfg["model"]["activation"], setting["input_shape"], 10,
+                       cfg["model"]["theta_init"], ds.get("mean", []), ds.get("std", []))
+    gen = torch.Generator().manual_seed(1)
+    x_pool = [torch.rand((BATCH, *setting["input_shape"]), generator=gen) for _ in range(4)]
+    y_pool = [torch.randint(0, 10, (BATCH,), generator=gen) for _ in range(4)]
+    cfgs = {
+        "plain": None,
+        "gloro": dict(tc, bound="global", loss="gloro"),
+        "local": dict(tc, bound="local", loss="bcp_mix", last_layer="ball_box"),
+        "local_ball": dict(tc, bound="local", loss="bcp_mix", last_layer="ball"),
+    }
+    if tc["sparsity_weight"] > 0:
+        # The sparsity loss is built from the interval bounds of every layer, so (like ball_box) it makes
+        # the backward pass run through the whole interval chain; this variant shows what that costs.
+        cfgs["local_ball_nosparsity"] = dict(tc, bound="local", loss="bcp_mix", last_layer="ball",
+                                             sparsity_weight=0.0)
+    phases = {n: {"forward+loss": [], "backward": [], "optimizer": []} for n in cfgs}
+    steps = {n: make_step(copy.deepcopy(base), c, x_pool, y_pool, eps, kappa, phases[n]) for n, c in cfgs.items()}
+    print(f"[train_step] {setting['name']}: {rounds} rounds x {per_round} steps per variant "
+          f"(eps {eps:.4g}, batch {BATCH}, threads {torch.get_num_threads()})", flush=True)
+    times = interleaved(steps, rounds=rounds, per_round=per_round, warmup=2)
+    out = {
+        "setting": setting["name"], "arch": setting["arch"], "input_shape": list(setting["input_shape"]),
+        "batch_size": BATCH, "eps": eps, "kappa": kappa, "activation": cfg["model"]["activation"],
+        "train_config_from": f"experiment {setting['experiment']} (batch_size={BATCH}); "
+                             f"variants override bound/loss/last_layer",
+        "power_iters": tc["power_iters"], "sparsity_weight": tc["sparsity_weight"],
+        "step_s": {n: spread(t) for n, t in times.items()},
+        "phase_s": {n: {k: spread(v[2:]) for k, v in ph.items()} for n, ph in phases.items()},  # after warm-up
+        "ratios": {
+            "local_over_plain": ratios(times, "local", "plain"),
+            "local_over_gloro": ratios(times, "local", "gloro"),
+            "local_ball_over_plain": ratios(times, "local_ball", "plain"),
+            "local_ball_over_gloro": ratios(times, "local_ball", "gloro"),
+            "local_over_local_ball": ratios(times, "local", "local_ball"),
+            "gloro_over_plain": ratios(times, "gloro", "plain"),
+        },
+    }
+    if "local_ball_nosparsity" in times:
+        out["ratios"]["local_ball_nosparsity_over_plain"] = ratios(times, "local_ball_nosparsity", "plain")
+        out["ratios"]["local_ball_nosparsity_over_gloro"] = ratios(times, "local_ball_nosparsity", "gloro")
+        out["ratios"]["local_over_local_ball_nosparsity"] = ratios(times, "local", "local_ball_nosparsity")
+    out["targets"] = {k: {"target_max": v, "median": out["ratios"][k]["median"],
+                          "met": out["ratios"][k]["median"] <= v} for k, v in TARGETS.items()}
+    for k, r in out["ratios"].items():
+        print(f"  {k:24s} median {r['median']:.2f}x  (q1 {r['q1']:.2f}, q3 {r['q3']:.2f}, n {r['n']})")
+    if profile_steps:
+        out["local_breakdown"] = breakdown(copy.deepcopy(base), cfgs["local"], x_pool, y_pool, eps, profile_steps)
+        for k, v in out["local_breakdown"]["regions_s_per_step"].items():
+            print(f"    {k:60s} {v * 1000:8.1f} ms")
+    return out
+
+
+def main(argv=None) -> dict:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=None)
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    rounds = args.rounds or (3 if args.quick else 15)
+    per_round = 1 if args.quick else 2
+    profile_steps = 2 if args.quick else 6
+    info = machine_info()
+    t0 = time.perf_counter()
+    results = [run_setting(s, rounds, per_round, profile_steps) for s in SETTINGS]
+    data = {"quick": args.quick, "machine": info, "targets": TARGETS, "settings": results,
+            "method": "variants interleaved in a shuffled order each round; per-round mean step time; "
+                      "ratios are per round (same load), reported as median and quartiles over rounds",
+            "wall_s": time.perf_counter() - t0}
+    write_result("train_step", data, args.out)
+    return data
+
+
+if __name__ == "__main__":
+    main()

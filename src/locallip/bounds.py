@@ -321,28 +321,31 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
         while active.numel() and used < max_iter:
             cm, rm = pick(col_mask, active), pick(row_mask, active)
             n_act = active.numel()
-            q = v[active]
-            basis = [q]
-            alphas, betas = [], []
-            prev = theta[active].sqrt()
-            done = torch.zeros(n_act, dtype=torch.bool, device=v.device)
-            final_s = torch.zeros(n_act, krylov, dtype=v.dtype, device=v.device)  # Ritz coefficients
-            final_top = prev.clone()
             steps = min(krylov, max_iter - used)
+            basis = v.new_zeros(n_act, steps, v.shape[1])  # preallocated Krylov basis (no re-stacking)
+            basis[:, 0] = v[active]
+            alphas = v.new_zeros(n_act, steps, dtype=torch.float64)
+            betas = v.new_zeros(n_act, steps, dtype=torch.float64)
+            done = torch.zeros(n_act, dtype=torch.bool, device=v.device)
+            final_s = torch.zeros(n_act, steps, dtype=v.dtype, device=v.device)  # Ritz coefficients
+            final_top = theta[active].sqrt()
             for j in range(steps):
-                w = gram(basis[-1].view(n_act, *shape), cm, rm).flatten(1)
+                q = basis[:, j]
+                w = gram(q.view(n_act, *shape), cm, rm).flatten(1)
                 used += 1
-                alpha = (w * basis[-1]).sum(1)
-                Q = torch.stack(basis, 1)  # [n, j+1, d]
-                for _ in range(2):  # full reorthogonalisation, twice for stability
-                    w = w - torch.einsum("njd,nj->nd", Q, torch.einsum("njd,nd->nj", Q, w))
+                alpha = (w * q).sum(1)
+                # Full reorthogonalisation, two classical Gram-Schmidt passes (CGS2): the
+                # convergence test reads T, which is only faithful while the basis stays orthogonal.
+                Q = basis[:, :j + 1]
+                for _ in range(2):
+                    w = w - torch.bmm(Q.transpose(1, 2), torch.bmm(Q, w.unsqueeze(2))).squeeze(2)
                 beta = w.norm(dim=1)
-                alphas.append(alpha)
-                T = torch.diag_embed(torch.stack(alphas, 1))
-                if betas:
-                    off = torch.stack(betas, 1)
+                alphas[:, j] = alpha.double()
+                T = torch.diag_embed(alphas[:, :j + 1])
+                if j:
+                    off = betas[:, :j]
                     T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-                evals, evecs = torch.linalg.eigh(T.double())
+                evals, evecs = torch.linalg.eigh(T)
                 theta_j = evals[:, -1].clamp_min(0)
                 s_j = evecs[:, :, -1]
                 residual = beta.double() * s_j[:, -1].abs()
@@ -355,11 +358,10 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
                 done = done | (residual <= tol * theta_j) | exhausted
                 if bool(done.all()) or j == steps - 1:
                     break
-                betas.append(torch.where(done, torch.zeros_like(beta), beta))
+                betas[:, j] = torch.where(done, torch.zeros_like(beta), beta).double()
                 safe = torch.where(beta > 0, beta, torch.ones_like(beta))[:, None]
-                basis.append(torch.where(done[:, None], torch.zeros_like(w), w / safe))
-            Q = torch.stack(basis, 1)
-            ritz = _normalize(torch.einsum("njd,nj->nd", Q, final_s[:, :Q.shape[1]]))
+                basis[:, j + 1] = torch.where(done[:, None], torch.zeros_like(w), w / safe)
+            ritz = _normalize(torch.bmm(final_s.unsqueeze(1), basis).squeeze(1))
             v[active] = ritz
             theta[active] = final_top.square()
             converged[active[done]] = True

@@ -123,6 +123,14 @@ def certify(d) -> list:
              f"{d['tol0_iteration_check']['AT_applications']} of A^T over {d['tol0_iteration_check']['layers']} layers "
              f"= exactly {d['tol0_iteration_check']['max_iter']} iterations per layer "
              f"(+1 final norm evaluation): {'ok' if d['tol0_iteration_check']['ok'] else 'FAILED'}.", ""]
+    w = d.get("operator_work")
+    if w:
+        lines.append(f"Operator work: per sample and layer the fast setting applies A and A^T on average "
+                     f"{', '.join(f'{a:.0f}' for a in w['fast']['mean_applications_per_sample_per_layer'])} times "
+                     f"(reference: {w['reference']['mean_applications_per_sample_per_layer'][0]:.0f}); weighted by "
+                     f"each layer's multiply-adds that is **{w['operator_only_speedup']:.1f}x** less work, i.e. the "
+                     f"speed-up if applying the operators were the only cost.")
+        lines.append("")
     prof = d.get("fast_profile")
     if prof:
         lines.append(f"Where the fast certification spends its time (torch.profiler, one batch of {prof['batch']}): " +

@@ -170,6 +170,23 @@ def ratios(times: Dict[str, List[float]], num: str, den: str) -> Dict[str, float
 # --------------------------------------------------------------------------- a trained mnist5k model
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options of the benchmarks that need a trained mnist5k model (see ``model_from_args``)."""
+    p.add_argument("--train", action="store_true",
+                   help="train a model in bench/out even if results/mnist5k/train/model.pt exists")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs override when training here")
+
+
+def model_from_args(args: argparse.Namespace):
+    """``trained_model("mnist5k")`` with the overrides ``--epochs`` / ``--quick --train`` ask for."""
+    overrides: List[str] = []
+    if args.epochs:
+        overrides = [f"train.epochs={args.epochs}", f"train.ramp_epochs={max(1, args.epochs // 2)}"]
+    elif args.quick and args.train:
+        overrides = ["train.epochs=2", "train.ramp_epochs=1"]
+    return trained_model("mnist5k", overrides, reuse_results=not args.train)
+
+
 def _cfg_hash(cfg: dict) -> str:
     keep = {k: cfg[k] for k in ("dataset", "model", "train")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]

@@ -16,10 +16,10 @@ Also checks that ``tol=0`` runs exactly ``max_iter`` iterations in
 """
 from __future__ import annotations
 
-import time
 from typing import Dict
 
-from bench._common import interleaved, machine_info, parser, ratios, set_threads, spread, trained_model, write_result
+from bench._common import (add_model_args, interleaved, machine_info, model_from_args, parser, ratios, set_threads,
+                           spread, write_result)
 
 import torch
 
@@ -143,20 +143,13 @@ def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=None, help="test points (default 300, --quick 64)")
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--train", action="store_true",
-                   help="train a model in bench/out even if results/mnist5k/train/model.pt exists")
-    p.add_argument("--epochs", type=int, default=None, help="train.epochs override when training here")
+    add_model_args(p)
     args = p.parse_args(argv)
     set_threads(args.threads)
     n = args.n or (64 if args.quick else 300)
     rounds = args.rounds or (1 if args.quick else 3)
     info = machine_info()
-    overrides = []
-    if args.epochs:
-        overrides = [f"train.epochs={args.epochs}", f"train.ramp_epochs={max(1, args.epochs // 2)}"]
-    elif args.quick and args.train:
-        overrides = ["train.epochs=2", "train.ramp_epochs=1"]
-    model, x_all, y_all, cfg, model_info = trained_model("mnist5k", overrides, reuse_results=not args.train)
+    model, x_all, y_all, cfg, model_info = model_from_args(args)
     cc = cfg["certify"]
     eps = float((model_info.get("train") or cfg["train"])["eps"])
     dtype = torch.float64 if cc["dtype"] == "float64" else torch.float32

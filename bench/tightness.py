@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from bench._common import machine_info, parser, set_threads, spread, trained_model, write_result
+from bench._common import add_model_args, machine_info, model_from_args, parser, set_threads, spread, write_result
 
 import torch
 
@@ -79,21 +79,14 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=None, help="test points (default 100, --quick 10)")
     p.add_argument("--samples", type=int, default=None, help="random points per ball (default 32, --quick 8)")
     p.add_argument("--ascent-steps", type=int, default=None, help="gradient-ascent steps (default 20, --quick 5)")
-    p.add_argument("--train", action="store_true",
-                   help="train a model in bench/out even if results/mnist5k/train/model.pt exists")
-    p.add_argument("--epochs", type=int, default=None, help="train.epochs override when training here")
+    add_model_args(p)
     args = p.parse_args(argv)
     set_threads(args.threads)
     n = args.n or (10 if args.quick else 100)
     samples = args.samples or (8 if args.quick else 32)
     steps = args.ascent_steps if args.ascent_steps is not None else (5 if args.quick else 20)
     info = machine_info()
-    overrides = []
-    if args.epochs:
-        overrides = [f"train.epochs={args.epochs}", f"train.ramp_epochs={max(1, args.epochs // 2)}"]
-    elif args.quick and args.train:
-        overrides = ["train.epochs=2", "train.ramp_epochs=1"]
-    model, x_all, _, cfg, model_info = trained_model("mnist5k", overrides, reuse_results=not args.train)
+    model, x_all, _, cfg, model_info = model_from_args(args)
     tc = model_info.get("train") or cfg["train"]
     cc = cfg["certify"]
     model = model.double().eval()

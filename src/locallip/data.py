@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .config import DatasetConfig
-from .io import atomic_path
+from .io import atomic_path, file_digest
 
 FORMAT_VERSION = 1
 
@@ -352,21 +352,6 @@ def _install_dir(extracted: Path, name: str, root: Path, archive: Path) -> Path:
     return target
 
 
-def _default_mode(path: Path) -> None:
-    """Give a file written through a temp file the usual permissions (mkstemp makes it 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- torchvision
 
 
@@ -434,7 +419,6 @@ def _import_idx(src: Path, raw_dir: Path, cls_name: str) -> None:
         for name, data in contents.items():
             with atomic_path(raw_dir / name) as tmp:
                 tmp.write_bytes(data)
-                _default_mode(tmp)
 
 
 def _mnist_family(ds: DatasetConfig, cls_name: str, label: str) -> _Raw:
@@ -547,7 +531,7 @@ def _tiny_dir(ds: DatasetConfig) -> Tuple[Path, str]:
             raise DataError(f"Tiny-ImageNet not found in {cached} and dataset.download is false; "
                             f"pass dataset.source=<tiny-imagenet-200.zip or its extracted folder>")
         src = _download_tiny(root)
-    md5 = _md5(src)
+    md5 = file_digest(src, "md5")
     if md5 != TINYIMAGENET_MD5:
         raise DataError(f"{src}: md5 {md5} does not match the official tiny-imagenet-200.zip "
                         f"({TINYIMAGENET_MD5}); re-download it or pass its extracted folder")
@@ -674,7 +658,6 @@ def save_splits(splits: Splits, path) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
             np.savez(f, **arrays)
-        _default_mode(tmp)
 
 
 def load_splits(path) -> Splits:

@@ -80,9 +80,14 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     return obj
 
 
-def sha256(path: PathLike) -> str:
-    h = hashlib.sha256()
+def file_digest(path: PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256(path: PathLike) -> str:
+    return file_digest(path, "sha256")

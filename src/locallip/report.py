@@ -128,30 +128,27 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def fmt_pct(x: Any) -> str:
-    """Fraction -> percentage with one decimal: 0.6234 -> '62.3'. None -> '—', NaN -> 'n/a'."""
+def _fmt(x: Any, render) -> str:
+    """render(x) for a number; '—' for a missing value, 'n/a' for NaN or a non-number."""
     if x is None:
         return "—"
     if not _is_num(x) or math.isnan(x):
         return "n/a"
-    return f"{100.0 * x:.1f}"
+    return render(x)
+
+
+def fmt_pct(x: Any) -> str:
+    """Fraction -> percentage with one decimal: 0.6234 -> '62.3'. None -> '—', NaN -> 'n/a'."""
+    return _fmt(x, lambda v: f"{100.0 * v:.1f}")
 
 
 def fmt_paper(x: Any) -> str:
     """A paper number, already a percentage: 62.8 -> '62.8'."""
-    if x is None:
-        return "—"
-    if not _is_num(x) or math.isnan(x):
-        return "n/a"
-    return f"{x:.1f}"
+    return _fmt(x, lambda v: f"{v:.1f}")
 
 
 def fmt_num(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "—"
-    if not _is_num(x) or math.isnan(x):
-        return "n/a"
-    return f"{x:.{digits}g}"
+    return _fmt(x, lambda v: f"{v:.{digits}g}")
 
 
 def fmt_seconds(x: Any) -> str:

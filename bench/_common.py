@@ -175,15 +175,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", action="store_true",
                    help="train a model in bench/out even if results/mnist5k/train/model.pt exists")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs override when training here")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override of the mnist5k config (repeatable); implies training here")
 
 
 def model_from_args(args: argparse.Namespace):
-    """``trained_model("mnist5k")`` with the overrides ``--epochs`` / ``--quick --train`` ask for."""
+    """``trained_model("mnist5k")`` with the overrides ``--epochs`` / ``--quick --train`` / ``--override`` ask for."""
     overrides: List[str] = []
     if args.epochs:
         overrides = [f"train.epochs={args.epochs}", f"train.ramp_epochs={max(1, args.epochs // 2)}"]
     elif args.quick and args.train:
         overrides = ["train.epochs=2", "train.ramp_epochs=1"]
+    overrides += list(getattr(args, "override", []) or [])
     return trained_model("mnist5k", overrides, reuse_results=not args.train)
 
 

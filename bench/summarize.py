@@ -62,6 +62,13 @@ def train_step(d) -> list:
                          f"{_r(r['local_ball_nosparsity_over_gloro'])} x GloRo; "
                          f"full local step / that = {_r(r['local_over_local_ball_nosparsity'])}.")
             lines.append("")
+    if all("operator_macs" in s for s in d["settings"]):
+        lines.append("Operator work of a step (multiply-adds of every conv / conv-transpose / linear call in the "
+                     "forward, plus 2x those autograd records for the backward), relative to a plain step: " + "; ".join(
+                         f"{s['arch'].upper()} " + ", ".join(f"{v} {m['step_over_plain']:.2f}x"
+                                                            for v, m in s["operator_macs"].items() if v != "plain")
+                         for s in d["settings"]) + ".")
+        lines.append("")
     lines.append("Targets (median): " + "; ".join(
         f"{s['arch'].upper()} local/plain {s['targets']['local_over_plain']['median']:.2f} <= "
         f"{s['targets']['local_over_plain']['target_max']} {_met(s['targets']['local_over_plain']['met'])}, "

@@ -150,6 +150,49 @@ def breakdown(model, cfg_train, x_pool, y_pool, eps: float, steps: int) -> dict:
                     "ones are inside local_bound); backward is not split by region"}
 
 
+def operator_macs(model, cfg_train: dict | None, x, y, eps: float, kappa: float) -> dict:
+    """Multiply-adds of the layer operators in one step's forward (+ loss), counted per call.
+
+    Counts every ``F.conv2d`` / ``F.conv_transpose2d`` / ``F.linear`` call (batch included),
+    split into calls autograd records (their backward costs ~2x again: input and weight
+    gradients) and calls under no_grad (the power iterations). Dense-layer transposes go
+    through ``matmul`` and are not counted, so the local figures are slight under-counts.
+    ``step_macs`` = forward + 2 x recorded forward: the operator work of a whole step.
+    """
+    import torch.nn.functional as F
+
+    from locallip.train import robust_loss
+
+    counts = {"recorded": 0, "no_grad": 0}
+    originals = {name: getattr(F, name) for name in ("conv2d", "conv_transpose2d", "linear")}
+
+    def counted(name):
+        def call(inp, weight, *a, **k):
+            out = originals[name](inp, weight, *a, **k)
+            if name == "conv_transpose2d":  # each input element meets out_channels x kh x kw taps
+                n = inp.numel() * weight[0].numel()
+            else:  # each output element sums in_features (or in_channels x kh x kw) products
+                n = out.numel() * (weight.shape[1] if name == "linear" else weight[0].numel())
+            key = "recorded" if torch.is_grad_enabled() and (inp.requires_grad or weight.requires_grad) else "no_grad"
+            counts[key] += int(n)
+            return out
+        return call
+
+    for name in originals:
+        setattr(F, name, counted(name))
+    try:
+        if cfg_train is None:
+            loss = F.cross_entropy(model(x), y)
+        else:
+            loss, _ = robust_loss(model, x, y, eps, kappa, cfg_train)
+    finally:
+        for name, fn in originals.items():
+            setattr(F, name, fn)
+    del loss
+    counts["step_macs"] = counts["recorded"] * 3 + counts["no_grad"]
+    return counts
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -207,6 +250,12 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
                           "met": out["ratios"][k]["median"] <= v} for k, v in TARGETS.items()}
     for k, r in out["ratios"].items():
         print(f"  {k:24s} median {r['median']:.2f}x  (q1 {r['q1']:.2f}, q3 {r['q3']:.2f}, n {r['n']})")
+    macs = {n: operator_macs(copy.deepcopy(base), c, x_pool[0], y_pool[0], eps, kappa) for n, c in cfgs.items()}
+    out["operator_macs"] = {n: dict(m, step_over_plain=m["step_macs"] / macs["plain"]["step_macs"])
+                            for n, m in macs.items()}
+    for n, m in out["operator_macs"].items():
+        print(f"  operator work {n:22s} {m['step_over_plain']:.2f}x plain (forward {m['recorded'] / 1e9:.2f} G "
+              f"recorded + {m['no_grad'] / 1e9:.2f} G no-grad multiply-adds)")
     if profile_steps:
         out["local_breakdown"] = breakdown(copy.deepcopy(base), cfgs["local"], x_pool, y_pool, eps, profile_steps)
         for k, v in out["local_breakdown"]["regions_s_per_step"].items():

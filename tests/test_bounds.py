@@ -339,6 +339,44 @@ def test_lanczos_batched_low_rank_sample_minimal():
     assert torch.allclose(res.sigma, exact, rtol=1e-4), (res.sigma, exact)
 
 
+@pytest.mark.parametrize("krylov,keep,check_every", [(16, 4, 1), (16, 4, 4), (8, 0, 3), (12, 6, 5)])
+@pytest.mark.parametrize("work_dtype", [None, torch.float32], ids=["f64", "f32"])
+def test_lanczos_breakdown_between_convergence_checks(krylov, keep, check_every, work_dtype):
+    # Masked 10x24 operators have rank <= 5 or so: their Krylov spaces are exhausted after a
+    # few steps, often between two convergence tests. The step after a breakdown is rounding
+    # noise that must not enter the basis (it once gave Ritz values far above ||A||^2).
+    for seed in range(6):
+        gen = torch.Generator().manual_seed(seed)
+        op = AffineOp(nn.Linear(24, 10).to(DT), (24,))
+        with torch.no_grad():
+            op.layer.weight.copy_(torch.randn(10, 24, generator=gen, dtype=DT))
+        rows = (torch.rand(3, 10, generator=gen) < 0.5).to(DT)
+        cols = (torch.rand(3, 24, generator=gen) < 0.3).to(DT)
+        v0 = torch.randn(3, 24, generator=gen, dtype=DT)
+        exact = exact_masked_norm(op.weight.detach(), rows, cols)
+        res = masked_operator_norm_lanczos(op, cols, rows, v0, max_iter=2000, tol=1e-7, krylov=krylov, keep=keep,
+                                           check_every=check_every, work_dtype=work_dtype)
+        assert res.converged.all(), (seed, res.converged)
+        assert res.iterations < 200, (seed, res.iterations)
+        assert torch.allclose(res.sigma, exact, rtol=1e-5), (seed, res.sigma, exact)
+        assert torch.all(res.sigma <= exact * (1 + 1e-6))
+
+
+def test_lanczos_converged_flag_is_not_claimed_early():
+    # Too few operator applications for the tolerance: nothing may be reported converged.
+    gen = torch.Generator().manual_seed(4)
+    op = AffineOp(nn.Linear(200, 200).to(DT), (200,))
+    with torch.no_grad():
+        op.layer.weight.copy_(torch.randn(200, 200, generator=gen, dtype=DT))
+    v0 = torch.randn(4, 200, generator=gen, dtype=DT)
+    res = masked_operator_norm_lanczos(op, None, None, v0, max_iter=6, tol=1e-12)
+    assert not res.converged.any()
+    with pytest.raises(ValueError, match="keep"):
+        masked_operator_norm_lanczos(op, None, None, v0, max_iter=6, tol=1e-4, krylov=8, keep=7)
+    with pytest.raises(ValueError, match="check_every"):
+        masked_operator_norm_lanczos(op, None, None, v0, max_iter=6, tol=1e-4, check_every=0)
+
+
 def test_lanczos_batched_matches_explicit_matrices():
     bad = []
     for i, spec in enumerate(CONVS):

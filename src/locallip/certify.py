@@ -38,9 +38,10 @@ class Certificate:
 
 
 def local_guarantee(tol: float, max_iter: int, method: str = "lanczos") -> str:
-    how = ("restarted Lanczos from a random start, until the relative residual of the top Ritz pair is "
-           f"<= {tol:g}" if method == "lanczos" else
-           f"power iteration from a random start, until the relative change is <= {tol:g}")
+    how = ("thick-restarted Lanczos from a random start, until the relative residual of the top Ritz pair is "
+           f"<= {tol:g} (checked explicitly)" if method == "lanczos" else
+           f"power iteration from a random start, until the relative residual of the Rayleigh quotient is "
+           f"<= {tol:g}" + (" (tol 0: exactly max_iter iterations)" if tol <= 0 else ""))
     return (f"estimate: masked layer norms by {how} (at most {max_iter} operator applications per layer); "
             f"these approach each norm from below. Margins are never below the guaranteed global ones, and "
             f"points whose iteration did not converge use the global certificate")

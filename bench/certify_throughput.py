@@ -114,7 +114,7 @@ def certify_all(model, x, y, eps, g, batch: int, seed: int, **kw) -> Dict[str, o
     from locallip.certify import certify
 
     gen = torch.Generator().manual_seed(seed)
-    certified, robust, bounds_, conv, iters = [], [], [], [], []
+    certified, bounds_, conv, iters = [], [], [], []
     for s in range(0, x.shape[0], batch):
         c = certify(model, x[s:s + batch], y[s:s + batch], eps, "local", generator=gen, global_result=g, **kw)
         certified.append(c.certified)

@@ -186,7 +186,7 @@ def model_from_args(args: argparse.Namespace):
         overrides = [f"train.epochs={args.epochs}", f"train.ramp_epochs={max(1, args.epochs // 2)}"]
     elif args.quick and args.train:
         overrides = ["train.epochs=2", "train.ramp_epochs=1"]
-    overrides += list(getattr(args, "override", []) or [])
+    overrides += args.override
     return trained_model("mnist5k", overrides, reuse_results=not args.train)
 
 

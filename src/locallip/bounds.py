@@ -209,6 +209,18 @@ def _in_dtype(dtype: Optional[torch.dtype], op: AffineOp, v0: Tensor, col_mask: 
             None if row_mask is None else row_mask.to(dtype))
 
 
+def _masked_linear(op: AffineOp, v: Tensor, col_mask: Optional[Tensor], row_mask: Optional[Tensor]) -> Tensor:
+    """A v with A = diag(row_mask) W diag(col_mask) (None = all ones)."""
+    out = op.linear(v if col_mask is None else v * col_mask)
+    return out if row_mask is None else out * row_mask
+
+
+def _masked_transpose(op: AffineOp, u: Tensor, col_mask: Optional[Tensor]) -> Tensor:
+    """A^T u for u = A v (already zero outside the row mask, so the row mask is not applied again)."""
+    out = op.transpose(u)
+    return out if col_mask is None else out * col_mask
+
+
 @dataclass
 class PowerIterationResult:
     sigma: Tensor  # [B] ||A v|| at the final v (differentiable w.r.t. the weights when grad is on)
@@ -237,14 +249,6 @@ def masked_operator_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Opt
     full_op, full_col, full_row = op, col_mask, row_mask
     op, v0, col_mask, row_mask = _in_dtype(work_dtype, op, v0, col_mask, row_mask)
 
-    def apply(v, cm, rm, o=op):
-        out = o.linear(v if cm is None else v * cm)
-        return out if rm is None else out * rm
-
-    def apply_t(u, cm, rm):
-        out = op.transpose(u if rm is None else u * rm)
-        return out if cm is None else out * cm
-
     with torch.no_grad():
         v = _normalize(v0 if col_mask is None else v0 * col_mask)
         sigma = torch.zeros(batch, dtype=v.dtype, device=v.device)
@@ -253,15 +257,15 @@ def masked_operator_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Opt
         iters = 0
         for iters in range(1, max_iter + 1):
             if tol <= 0:  # fixed iteration count: no bookkeeping of converged samples
-                u = apply(v, col_mask, row_mask)
+                u = _masked_linear(op, v, col_mask, row_mask)
                 sigma = _batch_norm(u)
-                v = _normalize(apply_t(u, col_mask, row_mask))
+                v = _normalize(_masked_transpose(op, u, col_mask))
                 continue
             cm = None if col_mask is None else (col_mask if col_mask.shape[0] == 1 else col_mask[active])
             rm = None if row_mask is None else (row_mask if row_mask.shape[0] == 1 else row_mask[active])
             va = v[active]
-            u = apply(va, cm, rm)
-            w = apply_t(u, cm, rm)  # A^T A v
+            u = _masked_linear(op, va, cm, rm)
+            w = _masked_transpose(op, u, cm)  # A^T A v
             rho = (w * va).flatten(1).sum(1)  # Rayleigh quotient, <= ||A||^2
             residual = (w - rho.view(-1, *([1] * (w.dim() - 1))) * va).flatten(1).norm(dim=1)
             v[active] = _normalize(w)
@@ -278,7 +282,7 @@ def masked_operator_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Opt
     # Re-normalise in the model's dtype: a float32 unit vector is not unit in float64, and
     # ||A v|| with ||v|| slightly > 1 could exceed ||A||.
     v = _normalize(v.detach().to(full_op.weight.dtype))
-    sigma = _batch_norm(apply(v, full_col, full_row, full_op))
+    sigma = _batch_norm(_masked_linear(full_op, v, full_col, full_row))
     return PowerIterationResult(sigma, v, iters, converged)
 
 
@@ -311,23 +315,19 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
     op, v0, col_mask, row_mask = _in_dtype(work_dtype, op, v0, col_mask, row_mask)
 
     def gram(v, cm, rm):  # A^T A v
-        u = op.linear(v if cm is None else v * cm)
-        u = u if rm is None else u * rm
-        out = op.transpose(u if rm is None else u * rm)
-        return out if cm is None else out * cm
+        return _masked_transpose(op, _masked_linear(op, v, cm, rm), cm)
 
     def pick(mask, idx):
         return None if mask is None else (mask if mask.shape[0] == 1 else mask[idx])
 
     with torch.no_grad():
         v = _normalize(v0 if col_mask is None else v0 * col_mask).flatten(1).clone()
-        theta = torch.zeros(batch, dtype=v.dtype, device=v.device)
         converged = torch.zeros(batch, dtype=torch.bool, device=v.device)
         active = torch.arange(batch, device=v.device)
         used = 0
         shape = op.in_shape
-        # State carried over a thick restart (for the samples in ``active``): kept Ritz
-        # vectors, their Ritz values and the next Lanczos vector.
+        # State carried into the next cycle (for the samples in ``active``): the start vector
+        # and, after a thick restart, the kept Ritz vectors and their Ritz values.
         kept_vecs: Optional[Tensor] = None
         kept_vals: Optional[Tensor] = None
         nxt = v
@@ -345,13 +345,11 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
             if p:
                 basis[:, :p] = kept_vecs
                 H[:, range(p), range(p)] = kept_vals
-            basis[:, p] = nxt if kept_vecs is not None else v[active]
+            basis[:, p] = nxt
             live = torch.ones(n_act, dtype=torch.bool, device=v.device)  # not yet converged
-            final_s = torch.zeros(n_act, steps, dtype=torch.float64, device=v.device)  # top Ritz coefficients
-            final_theta = theta[active].double()
-            beta = torch.zeros(n_act, dtype=v.dtype, device=v.device)
-            w = basis[:, p]
-            j = p
+            # Top Ritz pair of each sample, recorded at every convergence test while it is live
+            # (every cycle ends with a test, so all samples get one).
+            final_s = torch.zeros(n_act, steps, dtype=torch.float64, device=v.device)
             for j in range(p, steps):
                 q = basis[:, j]
                 w = gram(q.view(n_act, *shape), cm, rm).flatten(1)
@@ -368,6 +366,7 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
                     w = w - torch.bmm(c, Q).squeeze(1)
                     coef = c if coef is None else coef + c
                 beta = w.norm(dim=1) * live  # converged samples extend with zeros (see below)
+                safe = torch.where(beta > 0, beta, torch.ones_like(beta))
                 H[:, :j + 1, j] = coef.squeeze(1).double()
                 # Breakdown: B q lies in span(Q) to working precision, so span(Q) is invariant
                 # and w is rounding noise that no Gram-Schmidt pass makes orthogonal; such a
@@ -385,11 +384,9 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
                     # Converged samples keep their Ritz pair: their later basis vectors are
                     # zeros, so they never take in noise from an exhausted Krylov space.
                     final_s[live, :j + 1] = s_j[live]
-                    final_theta[live] = theta_j[live]
                     live = live & ~((residual <= tol * theta_j) | breakdown)
                     if not bool(live.any()) or j == steps - 1:
                         break
-                safe = torch.where(beta > 0, beta, torch.ones_like(beta))
                 basis[:, j + 1] = w * (live / safe).unsqueeze(1)
             m = j + 1
             done = ~live
@@ -397,7 +394,6 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
             # Ritz vectors: top one for the result, the ``top`` largest for a thick restart.
             ritz = torch.bmm(final_s[:, None, :m].to(v.dtype), basis[:, :m]).squeeze(1)
             v[active] = _normalize(ritz)
-            theta[active] = final_theta.to(theta.dtype)
             converged[active[done]] = True
             restart = ~done
             active = active[restart]
@@ -411,8 +407,7 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
             S = evecs[:, :, -top:].transpose(1, 2).to(v.dtype)  # [n, top, m]
             kept_vecs = torch.bmm(S, basis[:, :m])[restart]
             kept_vals = evals[restart][:, -top:]
-            b = beta[restart]
-            nxt = w[restart] / torch.where(b > 0, b, torch.ones_like(b)).unsqueeze(1)
+            nxt = w[restart] / safe[restart].unsqueeze(1)
         # "Converged" is checked, not inferred from the Krylov relation (which rounding can
         # make optimistic): the explicit residual of the final pair must meet the tolerance,
         # up to what the work dtype can resolve.
@@ -425,8 +420,7 @@ def masked_operator_norm_lanczos(op: AffineOp, col_mask: Optional[Tensor], row_m
             slack = max(2 * tol, 1e3 * torch.finfo(v.dtype).eps)
             converged[idx] = true_residual <= slack * rho.clamp_min(0)
     v = _normalize(v.view(batch, *op.in_shape).to(full_op.weight.dtype))
-    u = full_op.linear(v if full_col is None else v * full_col)
-    sigma = _batch_norm(u if full_row is None else u * full_row)
+    sigma = _batch_norm(_masked_linear(full_op, v, full_col, full_row))
     return PowerIterationResult(sigma, v, used, converged)
 
 

@@ -78,7 +78,7 @@ def child(batch_size: int, samples: int, threads: int) -> dict:
     import torch
 
     from locallip.config import compose
-    from locallip.models import build_model
+    from locallip.nn.models import build_model
     from locallip.train import clamp_thresholds, robust_loss
 
     set_threads(threads)

@@ -25,7 +25,7 @@ TARGET_LOCAL_OVER_EMPIRICAL = 1.5
 
 def measure(model, x, eps: float, cc: dict, samples: int, ascent_steps: int, chunk: int = 50) -> dict:
     from locallip.bounds import global_bound, local_bound
-    from locallip.empirical import empirical_lipschitz, jacobian_norm
+    from locallip.bounds.empirical import empirical_lipschitz, jacobian_norm
 
     g = global_bound(model, method="guaranteed")
     gen = torch.Generator().manual_seed(int(cc["seed"]))

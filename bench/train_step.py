@@ -197,7 +197,7 @@ def operator_macs(model, cfg_train: dict | None, x, y, eps: float, kappa: float)
 
 
 def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) -> dict:
-    from locallip.models import build_model
+    from locallip.nn.models import build_model
 
     cfg = _setting_cfg(setting["experiment"])
     tc = dict(cfg["train"], batch_size=BATCH)

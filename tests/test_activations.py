@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from locallip.activations import ClippedMaxMin, ClippedReLU, LipschitzActivation, MaxMin, ReLU, make_activation
+from locallip.nn.activations import ClippedMaxMin, ClippedReLU, LipschitzActivation, MaxMin, ReLU, make_activation
 from locallip.bounds import local_bound, network_layers
-from locallip.empirical import random_points_in_ball
+from locallip.bounds.empirical import random_points_in_ball
 from net_helpers import fit_briefly
-from locallip.models import LipschitzNet, build_model
+from locallip.nn.models import LipschitzNet, build_model
 
 DT = torch.float64
 ACTS = ["relu", "clipped_relu", "maxmin", "clipped_maxmin"]

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locallip.activations import make_activation
+from locallip.nn.activations import make_activation
 from locallip.bounds import (AffineOp, bottom_logit, global_bound, global_margins, local_bound, local_margins,
                              margin_lower_bounds, masked_operator_norm, masked_operator_norm_lanczos,
                              network_layers, penultimate, worst_case_logits, worst_margin)
-from locallip.empirical import empirical_lipschitz, jacobian_norm, random_points_in_ball
+from locallip.bounds.empirical import empirical_lipschitz, jacobian_norm, random_points_in_ball
 from net_helpers import fit_briefly
-from locallip.models import LipschitzNet, Normalize, build_model
+from locallip.nn.models import LipschitzNet, Normalize, build_model
 
 DT = torch.float64
 ACTS = ["relu", "clipped_relu", "maxmin", "clipped_maxmin"]
@@ -204,7 +204,7 @@ def test_jacobian_norm_matches_autograd(kind):
 @pytest.mark.parametrize("act", ACTS)
 def test_smooth_surrogate_approaches_the_activation(act):
     """The ascent follows a softplus version of the net; it must converge to the real one as beta grows."""
-    from locallip.empirical import _smooth_penultimate
+    from locallip.bounds.empirical import _smooth_penultimate
     model = get_model("conv", act, trained=True)
     x = inputs(model, 4, seed=8)
     with torch.no_grad():

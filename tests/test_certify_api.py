@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from locallip.activations import make_activation
+from locallip.nn.activations import make_activation
 from locallip.attack import pgd_l2
 from locallip.bounds import AffineOp, global_bound, local_bound, network_layers
 from locallip.certify import certify
 from net_helpers import fit_briefly
-from locallip.models import LipschitzNet
+from locallip.nn.models import LipschitzNet
 
 DT = torch.float64
 ACTS = ["relu", "clipped_relu", "maxmin", "clipped_maxmin"]

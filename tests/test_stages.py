@@ -168,7 +168,7 @@ def test_calibration_uses_only_the_calibration_split(smoke, tmp_path):
 
 def test_calibration_passes_models_without_thresholds_through(smoke, tmp_path):
     model, ck = load_model(smoke["dir"] / "model.pt")
-    from locallip.models import build_model
+    from locallip.nn.models import build_model
     relu = build_model("2c2f", "relu", (1, 28, 28), 10)
     save_model(tmp_path / "relu.pt", relu, train={"bound": "global"})
     res = run_calibrate(stage_config(smoke["cfg"], "calibrate"), data=smoke["dir"] / "splits.npz",
@@ -240,7 +240,7 @@ def test_cli_missing_or_corrupt_checkpoint_keeps_existing_outputs(smoke, tmp_pat
 
 def test_cli_wrong_input_shape_is_reported(smoke, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    from locallip.models import build_model
+    from locallip.nn.models import build_model
     save_model(tmp_path / "cifar.pt", build_model("2c2f", "relu", (3, 32, 32), 10))
     rc, err = _run_cli(["certify", "--cfg-json", json.dumps(_certify_cfg(smoke, 0.1)),
                         "--data", str(smoke["dir"] / "splits.npz"), "--model", str(tmp_path / "cifar.pt"),

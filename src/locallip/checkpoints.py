@@ -7,7 +7,7 @@ from typing import Any, Tuple
 import torch
 
 from .io import CheckpointError, load_checkpoint, save_checkpoint
-from .models import LipschitzNet, model_from_spec
+from .nn.models import LipschitzNet, model_from_spec
 
 FORMAT = "locallip-checkpoint-1"
 

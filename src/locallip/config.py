@@ -68,7 +68,10 @@ class TrainConfig:
     lr_decay: float = 0.9  # per-epoch factor after lr_decay_start
     weight_decay: float = 0.0
     sparsity_weight: float = 0.0  # clipped activations only
-    power_iters: int = 2  # power iterations per step (warm-started)
+    power_iters: int = 2  # power iterations per step (warm-started): global bound, and local_solver=power
+    local_solver: str = "krylov"  # krylov (Lanczos, local_steps steps) | power (power_iters iterations)
+    local_steps: int = 8  # Lanczos steps per layer and step for the local bound (warm-started)
+    diagnostics_size: int = 256  # validation points for the per-epoch bound diagnostics (0 = off)
     augment: bool = False  # random crop + flip (CIFAR / Tiny-ImageNet)
     val_every: int = 1
     val_max_iter: int = 100  # power iterations (tol 1e-3) when certifying the validation split
@@ -232,6 +235,9 @@ def validate(cfg: dict) -> dict:
         _finite_nonneg(t[k], f"train.{k}")
     _check(t["epochs"] >= 1 and t["batch_size"] >= 1, "train.epochs and train.batch_size must be >= 1")
     _check(t["power_iters"] >= 1, "train.power_iters must be >= 1")
+    _check(t["local_solver"] in ("krylov", "power"), f"train.local_solver must be krylov or power, got {t['local_solver']!r}")
+    _check(t["local_steps"] >= 1, "train.local_steps must be >= 1")
+    _check(t["diagnostics_size"] >= 0, "train.diagnostics_size must be >= 0")
     _check(0 < t["lr_decay"] <= 1, "train.lr_decay must be in (0, 1]")
     _check(len(c["radii"]) > 0, "certify.radii must not be empty")
     for r in c["radii"]:

@@ -83,28 +83,46 @@ RADIUS_TAG_RE = r"[0-9]+(\.[0-9]+)?(e[-+]?[0-9]+)?"
 
 # --------------------------------------------------------------------------- code dependencies
 
-def _package_imports(path: Path) -> set:
-    """Names of the package modules ``path`` imports (relative or absolute, at any depth)."""
+def _module_file(module: str, src_dir: Path) -> Optional[Path]:
+    """The file of dotted package module ``module`` ('bounds.spectral'), or None."""
+    base = src_dir.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _package_imports(module: str, path: Path, src_dir: Path) -> set:
+    """Dotted names of the package modules ``module`` (at ``path``) imports, at any depth.
+
+    ``from .x import y`` may name a submodule ``y`` of package ``x``: both are candidates,
+    and names that are not modules are dropped by the caller.
+    """
     tree = ast.parse(path.read_text(), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    here = module.split(".") if module else []
+    package = here if is_pkg else here[:-1]
     found = set()
+
+    def add(base: List[str], names) -> None:
+        mod = ".".join(base)
+        if mod:
+            found.add(mod)
+        for a in names:
+            found.add(".".join(base + a.name.split(".")))
+
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level:  # from .x import y / from . import x
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(a.name.split(".")[0] for a in node.names)
+            if node.level:  # from .x import y / from . import x / from ..nn import z
+                base = package[:len(package) - (node.level - 1)] if node.level > 1 else list(package)
+                add(base + (node.module.split(".") if node.module else []), node.names)
             elif node.module and node.module.split(".")[0] == PACKAGE:
-                parts = node.module.split(".")
-                if len(parts) > 1:
-                    found.add(parts[1])
-                else:
-                    found.update(a.name.split(".")[0] for a in node.names)
+                add(node.module.split(".")[1:], node.names)
         elif isinstance(node, ast.Import):
             for a in node.names:
                 parts = a.name.split(".")
                 if parts[0] == PACKAGE and len(parts) > 1:
-                    found.add(parts[1])
+                    found.add(".".join(parts[1:]))
     return found
 
 
@@ -117,19 +135,24 @@ def code_deps(stage: str, src_dir: Path = SRC_DIR) -> List[str]:
     if stage not in STAGE_MODULES:
         raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
     src_dir = Path(src_dir)
-    seen, todo = set(), [STAGE_MODULES[stage]]
+    start = STAGE_MODULES[stage]
+    if _module_file(start, src_dir) is None:
+        raise ConfigError(f"stage {stage!r} runs {src_dir / (start + '.py')}, which does not exist")
+    files, seen, todo = {}, set(), [start]
     while todo:
         mod = todo.pop()
         if mod in seen:
             continue
-        path = src_dir / f"{mod}.py"
-        if not path.is_file():
-            if mod == STAGE_MODULES[stage]:
-                raise ConfigError(f"stage {stage!r} runs {path}, which does not exist")
-            continue  # a subpackage or a name that is not a module: nothing to track
         seen.add(mod)
-        todo.extend(_package_imports(path) - seen)
-    return sorted((src_dir / f"{m}.py").as_posix() for m in seen - INFRA_MODULES)
+        path = _module_file(mod, src_dir)
+        if path is None:
+            continue  # an imported name that is not a module: nothing to track
+        # A module's parent packages run their __init__ first.
+        parts = mod.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+        files[mod] = path
+        todo.extend(_package_imports(mod, path, src_dir) - seen)
+    return sorted(p.as_posix() for m, p in files.items() if m not in INFRA_MODULES)
 
 
 # --------------------------------------------------------------------------- composition

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bounds import global_bound, global_margins, local_bound, local_margins, network_layers, penultimate
+from .bounds import (converged_layer_norms, global_bound, global_margins, local_bound, local_margins,
+                     network_layers, penultimate)
 from .losses import bcp_mix_loss, gloro_loss, gloro_trades_loss, sparsity_loss
-from .models import LipschitzNet, build_model
+from .nn.models import LipschitzNet, build_model
 
 Tensor = torch.Tensor
 
@@ -57,6 +58,35 @@ def lr_at(epoch: int, cfg: dict) -> float:
 # --------------------------------------------------------------------------- one step
 
 
+def training_local_bound(model: LipschitzNet, x: Tensor, eps: float, cfg: dict):
+    """The local bound the training step optimises: warm-started from the global singular vectors,
+    ``local_steps`` Lanczos steps (``local_solver=krylov``) or ``power_iters`` power iterations."""
+    if cfg["local_solver"] == "krylov":
+        return local_bound(model, x, eps, max_iter=cfg["local_steps"], init="global", method="krylov")
+    return local_bound(model, x, eps, max_iter=cfg["power_iters"], tol=0.0, init="global")
+
+
+def bound_diagnostics(model: LipschitzNet, x: Tensor, eps: float, cfg: dict, seed: int = 0) -> Dict[str, object]:
+    """How the training-time local bound compares with the converged one, on the same masks.
+
+    Per layer: median and worst (smallest) ratio training / converged masked norm over
+    the batch; the same for their product (the whole bound); and the fixed-neuron
+    fraction of every layer at radius ``eps``.
+    """
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        lb = training_local_bound(model, x, eps, cfg)
+        ref = converged_layer_norms(lb, model, generator=torch.Generator().manual_seed(seed))
+    model.train(was_training)
+    ratio = lb.layer_norms / ref.clamp_min(torch.finfo(ref.dtype).tiny)
+    total = lb.layer_norms.prod(1) / ref.prod(1).clamp_min(torch.finfo(ref.dtype).tiny)
+    return {"bound_ratio_layers_median": [float(r.median()) for r in ratio.unbind(1)],
+            "bound_ratio_layers_worst": [float(r.min()) for r in ratio.unbind(1)],
+            "bound_ratio_median": float(total.median()), "bound_ratio_worst": float(total.min()),
+            "fixed_per_layer_val": lb.fixed_fraction_per_layer()}
+
+
 def robust_loss(model: LipschitzNet, x: Tensor, y: Tensor, eps: float, kappa: float, cfg: dict
                 ) -> Tuple[Tensor, Dict[str, float]]:
     """Training loss at radius eps with the configured bound and loss."""
@@ -67,10 +97,11 @@ def robust_loss(model: LipschitzNet, x: Tensor, y: Tensor, eps: float, kappa: fl
     if cfg["bound"] == "local":
         with torch.no_grad():  # keep the global singular vectors (the local warm start) fresh
             global_bound(model, method="power", iters=1)
-        lb = local_bound(model, x, eps, max_iter=cfg["power_iters"], tol=0.0, init="global")
+        lb = training_local_bound(model, x, eps, cfg)
         logits = lb.logits
         margins = local_margins(model, lb, y, cfg["last_layer"])
         stats["fixed_fraction"] = lb.fixed_fraction()
+        stats["fixed_per_layer"] = lb.fixed_fraction_per_layer()
         extra = 0.0
         if cfg["sparsity_weight"] > 0:
             _, acts = network_layers(model)
@@ -198,7 +229,7 @@ def run_train(cfg: dict, data: Path, out: Path, metrics: Path, state: Path) -> d
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, tc)
         perm = torch.randperm(n, generator=gen)
-        total, fixed, count = 0.0, [], 0
+        total, fixed, fixed_layers, count = 0.0, [], [], 0
         bar = tqdm(range(steps), desc=f"{cfg['name']} epoch {epoch + 1}/{tc['epochs']}",
                    disable=None if tc["progress"] else True, unit="step", leave=False)
         for i in bar:
@@ -221,11 +252,16 @@ def run_train(cfg: dict, data: Path, out: Path, metrics: Path, state: Path) -> d
             count += xb.shape[0]
             if "fixed_fraction" in stats:
                 fixed.append(stats["fixed_fraction"])
+                fixed_layers.append(stats["fixed_per_layer"])
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", eps=f"{eps:.3f}")
         bar.close()
         record = {"epoch": epoch + 1, "loss": total / max(count, 1), "eps": eps_at(epoch + 1, tc),
                   "kappa": kappa_at(epoch + 1, tc), "lr": lr_at(epoch, tc), "theta_mean": threshold_mean(model),
-                  "fixed_fraction": sum(fixed) / len(fixed) if fixed else None}
+                  "fixed_fraction": sum(fixed) / len(fixed) if fixed else None,
+                  "fixed_per_layer": ([sum(col) / len(col) for col in zip(*fixed_layers)] if fixed_layers else None)}
+        if tc["bound"] == "local" and eps_at(epoch + 1, tc) > 0 and tc["diagnostics_size"] > 0:
+            record.update(bound_diagnostics(model, x_val[:tc["diagnostics_size"]].to(device),
+                                            eps_at(epoch + 1, tc), tc, seed=tc["seed"]))
         # Only epochs that reached the full training radius compete for "best" (earlier ones are
         # trained for a smaller eps), so only those are certified on the validation split.
         last = epoch + 1 == tc["epochs"]

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import ClippedMaxMin, ClippedReLU, MaxMin, ReLU
-from .bounds import _as_batch_eps, network_layers, penultimate
+from ..nn.activations import ClippedMaxMin, ClippedReLU, MaxMin, ReLU
+from .localbound import _as_batch_eps
+from .margins import penultimate
+from .operators import network_layers
 
 Tensor = torch.Tensor
 

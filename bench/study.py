@@ -1,0 +1,130 @@
+"""The Local-Lip vs GloRo training study: one configuration per run, the whole pipeline each.
+
+Every run composes an experiment with Hydra overrides, then runs the library's
+stages in this process: download (shared splits), train, calibrate, and
+certification of the *validation* split (what settings are chosen by) and of
+the *test* split (what is reported). It appends one JSON line per run to
+``--out`` (default ``bench/out/study/runs.jsonl``): the overrides, the training
+time, the per-epoch diagnostics of the last epoch and certified accuracies.
+
+    python -m bench.study --tag lanczos8 -e mnist5k train.local_steps=8
+    python -m bench.study --tag gloro_eqtime -e mnist5k_gloro train.epochs=150 train.ramp_epochs=75
+    python -m bench.study --table                 # markdown table of every recorded run
+
+Settings are chosen on validation certified accuracy; the test columns are
+reported, never used to choose. Runs take one torch thread by default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from bench._common import WORK_DIR, git_commit, machine_info  # noqa: F401 (sys.path set up there)
+
+STUDY_DIR = WORK_DIR / "study"
+
+
+def _certify_split(model, x, y, radii, cfg, guarantee_cfg: dict) -> Dict[str, float]:
+    from locallip.certify import certify_dataset
+
+    out = {}
+    for r in radii:
+        res = certify_dataset(model, x, y, float(r), guarantee_cfg, progress=False)
+        s = res["summary"]
+        out[repr(float(r))] = {"clean": s["clean_acc"], "local": s["certified_acc_local"],
+                               "global": s["certified_acc_global"], "broken": s["attack"]["broken"]}
+    return out
+
+
+def run_one(tag: str, experiment: str, overrides: List[str], out: Path, threads: int) -> dict:
+    import torch
+
+    from locallip.calibrate import run_calibrate
+    from locallip.checkpoints import load_model
+    from locallip.config import compose, stage_config
+    from locallip.data import load_splits, run_download, to_tensors
+    from locallip.train import run_train
+
+    torch.set_num_threads(threads)
+    cfg = compose(experiment, list(overrides) + ["train.progress=false"])
+    run_dir = STUDY_DIR / tag
+    splits = STUDY_DIR / "data" / f"{cfg['dataset']['name']}-{cfg['dataset']['seed']}.npz"
+    if not splits.exists():
+        run_download(stage_config(cfg, "download"), splits)
+    t0 = time.perf_counter()
+    metrics = run_train(stage_config(cfg, "train"), splits, run_dir / "model.pt", run_dir / "metrics.json",
+                        run_dir / "state" / "last.pt")
+    train_s = time.perf_counter() - t0
+    cal = run_calibrate(stage_config(cfg, "calibrate"), splits, run_dir / "model.pt", run_dir / "calibrated.pt",
+                        run_dir / "calibration.json")
+    model, _ = load_model(run_dir / "calibrated.pt")
+    sp = load_splits(splits)
+    radii = cfg["certify"]["radii"]
+    cert = dict(cfg["certify"])
+    xv, yv = to_tensors(sp.val_x, sp.val_y)
+    xt, yt = to_tensors(sp.test_x, sp.test_y)
+    val = _certify_split(model, xv, yv, radii, cert, cert)
+    test = _certify_split(model, xt, yt, radii, cert, cert)
+    last = metrics["epochs"][-1]
+    row = {"tag": tag, "experiment": experiment, "overrides": list(overrides), "train_time_s": train_s,
+           "epochs": cfg["train"]["epochs"], "best_epoch": metrics["best_epoch"],
+           "bound": cfg["train"]["bound"], "loss": cfg["train"]["loss"],
+           "calibration_scales": cal.get("chosen_scales"),
+           "last_epoch": {k: last.get(k) for k in ("fixed_per_layer", "fixed_per_layer_val",
+                                                   "bound_ratio_layers_median", "bound_ratio_layers_worst",
+                                                   "bound_ratio_median", "bound_ratio_worst", "time_s")},
+           "val": val, "test": test, "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def table(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return "(no runs)"
+    radii = list(rows[0]["test"].keys())
+    head = (["run", "experiment", "overrides", "train s"] + [f"val cert {r}" for r in radii]
+            + [f"test cert {r}" for r in radii] + ["test clean", "fixed % (last epoch)", "train/converged"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        le = r["last_epoch"]
+        fixed = le.get("fixed_per_layer_val") or le.get("fixed_per_layer")
+        ratio = le.get("bound_ratio_median")
+        best_key = "local" if r["bound"] == "local" else "local"
+        cells = [r["tag"], r["experiment"], " ".join(r["overrides"]) or "(defaults)", f"{r['train_time_s']:.0f}"]
+        cells += [_pct(r["val"][k][best_key]) for k in radii] + [_pct(r["test"][k][best_key]) for k in radii]
+        cells += [_pct(r["test"][radii[0]]["clean"]),
+                  "/".join(f"{100 * f:.0f}" for f in fixed) if fixed else "—",
+                  f"{ratio:.3f}" if ratio is not None else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("-e", "--experiment", default="mnist5k")
+    p.add_argument("--tag")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=STUDY_DIR / "runs.jsonl")
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    a = p.parse_args()
+    if a.table:
+        print(table(a.out))
+        return
+    tag = a.tag or "_".join([a.experiment] + [o.replace("train.", "").replace("model.", "") for o in a.overrides])
+    row = run_one(tag, a.experiment, a.overrides, a.out, a.threads)
+    print(json.dumps({k: row[k] for k in ("tag", "train_time_s", "val", "test")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

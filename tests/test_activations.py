@@ -296,7 +296,8 @@ def test_masks_sound_in_network_under_attack(kind, act, trained):
     x = torch.rand((b,) + tuple(model.input_shape), generator=torch.Generator().manual_seed(3), dtype=DT)
     eps = torch.tensor([0.05, 0.2, 0.6], dtype=DT)
     with torch.no_grad():
-        res = local_bound(model, x, eps, init="random", tol=1e-10, max_iter=20000,
+        res = local_bound(model, x, eps, guarantee="estimate", method="power", init="random", tol=1e-10,
+                          max_iter=20000, work_dtype=None,
                           generator=torch.Generator().manual_seed(4))
         assert res.converged.all()
         clean_zs, clean_hs = _forward_all(model, x)

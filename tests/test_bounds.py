@@ -30,7 +30,7 @@ from locallip.nn.models import LipschitzNet, Normalize, build_model
 
 DT = torch.float64
 ACTS = ["relu", "clipped_relu", "maxmin", "clipped_maxmin"]
-TIGHT = dict(init="random", tol=1e-10, max_iter=20000)  # converged power iteration for the checks
+TIGHT = dict(guarantee="estimate", method="power", init="random", tol=1e-10, max_iter=20000)  # converged power iteration
 
 
 pytestmark = pytest.mark.usefixtures("own_rng", "one_thread")
@@ -157,7 +157,7 @@ def test_local_bound_between_empirical_and_global(kind, act, trained):
     eps = torch.tensor([0.01, 0.1, 0.3, 1.0], dtype=DT)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        lb = local_bound(model, x, eps, generator=gen, **TIGHT)
+        lb = local_bound(model, x, eps, generator=gen, work_dtype=None, **TIGHT)
     assert lb.converged.all()
     glob = global_bound(model, method="guaranteed")
     assert lb.lipschitz.dtype == DT and lb.lipschitz.shape == (4,)
@@ -185,7 +185,7 @@ def test_empirical_is_attained_on_one_hidden_layer():
         model[1].weight[5].zero_()  # a neuron that never moves: z = 0
     x = torch.zeros(2, 4, dtype=DT)
     gen = torch.Generator().manual_seed(0)
-    lb = local_bound(model, x, 0.5, generator=gen, **TIGHT)
+    lb = local_bound(model, x, 0.5, generator=gen, work_dtype=None, **TIGHT)
     exact = torch.linalg.matrix_norm(model[1].weight[:3], ord=2)
     assert torch.allclose(lb.lipschitz, exact.expand(2), rtol=1e-8)
     emp = empirical_lipschitz(model, x, 0.5, samples=4, ascent_steps=2, generator=gen)
@@ -606,7 +606,7 @@ def test_local_margins_bound_attacked_margins():
     model = get_model("conv", "clipped_relu", trained=True)
     x = inputs(model, 4, seed=2)
     eps = torch.tensor([0.05, 0.1, 0.2, 0.4], dtype=DT)
-    lb = local_bound(model, x, eps, generator=torch.Generator().manual_seed(0), **TIGHT)
+    lb = local_bound(model, x, eps, generator=torch.Generator().manual_seed(0), work_dtype=None, **TIGHT)
     y = lb.logits.argmax(1)
     pts = random_points_in_ball(x, eps, 64, torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -653,7 +653,8 @@ def test_local_bound_is_differentiable(act):
     x = inputs(model, 4, seed=6)
     y = torch.tensor([0, 1, 2, 0])
     with torch.enable_grad():
-        lb = local_bound(model, x, 0.2, max_iter=5, tol=0.0, init="global")
+        lb = local_bound(model, x, 0.2, guarantee="estimate", method="power", max_iter=5, tol=0.0, init="global",
+                         work_dtype=None)
         assert lb.lipschitz.requires_grad
         m = local_margins(model, lb, y, "ball_box")
         loss = F.cross_entropy(worst_case_logits(lb.logits, m, y), y) + lb.lipschitz.mean()
@@ -682,7 +683,8 @@ def test_gradients_finite_when_a_layer_is_entirely_fixed(act):
         model[1].bias.fill_(-100.0)
     x = inputs(model, 3)
     with torch.enable_grad():
-        lb = local_bound(model, x, 0.1, max_iter=5, tol=0.0, init="global")
+        lb = local_bound(model, x, 0.1, guarantee="estimate", method="power", max_iter=5, tol=0.0, init="global",
+                         work_dtype=None)
         assert torch.all(lb.lipschitz == 0)
         m = local_margins(model, lb, torch.tensor([0, 1, 2]), "ball_box")
         (lb.lipschitz.sum() + m.sum()).backward()

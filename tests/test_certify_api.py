@@ -73,7 +73,8 @@ def _cert(model, x, y, eps, bound="local", **kw):
     """certify with a seeded random start (local) or the guaranteed global bound (local-only options dropped)."""
     kw.setdefault("generator", torch.Generator().manual_seed(0))
     if bound == "global":
-        kw = {k: v for k, v in kw.items() if k not in ("generator", "tol", "max_iter", "last_layer", "work_dtype")}
+        kw = {k: v for k, v in kw.items() if k not in ("generator", "tol", "max_iter", "last_layer", "work_dtype",
+                                                      "guarantee")}
     return certify(model, x, y, eps, bound, **kw)
 
 
@@ -115,13 +116,13 @@ def test_certified_points_survive_pgd(kind, act):
     gen = torch.Generator().manual_seed(7)
     n_certified = 0
     for eps in EPS[kind]:
-        for bound in ("local", "global"):
-            cert = _cert(model, x, y, eps, bound)
+        for bound, level in (("local", "probabilistic"), ("local", "exact"), ("local", "estimate"), ("global", None)):
+            cert = _cert(model, x, y, eps, bound, **({} if level is None else {"guarantee": level}))
             # The worst-margin lower bound holds at every point PGD finds (certified or not) ...
             attacked = pgd_l2(model, x, cert.prediction, eps, steps=50, restarts=5, step_size=0.1, generator=gen)
             assert torch.all(cert.worst_margin <= attacked + 1e-10), (bound, eps, (cert.worst_margin - attacked).max())
             # ... so no certified point is broken.
-            assert torch.all(attacked[cert.certified] > 0), (bound, eps)
+            assert torch.all(attacked[cert.certified] > 0), (bound, level, eps)
             if bound == "local":
                 n_certified += int(cert.certified.sum())
     assert n_certified > 0  # not vacuous
@@ -240,7 +241,8 @@ def test_tiny_weights_are_not_under_estimated(dtype):
     assert torch.all(g.layer_norms.double() >= torch.stack(exact))
     assert float(g.lipschitz) >= float(torch.stack(exact).prod())
     assert 1e-11 < float(g.lipschitz) < 1e-8
-    lb = local_bound(model, x, 1e-5, init="random", tol=1e-10 if dtype == torch.float64 else 1e-6, max_iter=20000,
+    lb = local_bound(model, x, 1e-5, guarantee="estimate", method="power", init="random", work_dtype=None,
+                     tol=1e-10 if dtype == torch.float64 else 1e-6, max_iter=20000,
                      generator=torch.Generator().manual_seed(0))
     assert lb.converged.all()
     # Layer by layer against the explicit masked matrices (relative: the numbers are ~1e-5).
@@ -316,7 +318,7 @@ def test_mixed_batch_equals_each_point_alone(kind, act, eps):
 def test_not_converged_falls_back_to_global():
     model = trained("conv", "clipped_relu")
     x, y = _points()
-    loc = _cert(model, x, y, 0.15, "local", max_iter=2, tol=1e-14)
+    loc = _cert(model, x, y, 0.15, "local", guarantee="estimate", max_iter=2, tol=1e-14)
     glo = _cert(model, x, y, 0.15, "global")
     assert not loc.converged.any()
     assert torch.equal(loc.certified, glo.certified)
@@ -337,7 +339,11 @@ def test_certify_validates_arguments_and_restores_mode():
     assert model.training
     c = certify(model.eval(), x, y, 0.1, generator=torch.Generator().manual_seed(0))
     assert not model.training
-    assert c.guarantee.startswith("estimate") and "random start" in c.guarantee
+    assert c.level == "probabilistic" and c.guarantee.startswith("probabilistic") and "1e-09" in c.guarantee
+    e = certify(model, x, y, 0.1, guarantee="estimate", generator=torch.Generator().manual_seed(0))
+    assert e.guarantee.startswith("estimate, not a guarantee") and "random start" in e.guarantee
+    with pytest.raises(ValueError):
+        certify(model, x, y, 0.1, guarantee="approximate")
     assert _cert(model, x, y, 0.1, "global").guarantee.startswith("upper bound")
 
 
@@ -369,25 +375,28 @@ def test_flat_spectrum_net_is_tight():
     model, x, y, eps = _flat_spectrum_net(4e-5)
     attacked = pgd_l2(model, x, y, eps, steps=50, restarts=5, generator=torch.Generator().manual_seed(0))
     assert float(attacked[0]) == pytest.approx(-2e-5, rel=1e-3)
-    c = certify(model, x, y, eps, "local", tol=1e-10, max_iter=100000, work_dtype=None,
+    c = certify(model, x, y, eps, "local", guarantee="estimate", tol=1e-10, max_iter=100000, work_dtype=None,
                 generator=torch.Generator().manual_seed(0))
     assert c.converged.all() and not c.certified.any()
     assert not certify(model, x, y, eps, "global").certified.any()
 
 
-@pytest.mark.parametrize("method", [
-    "lanczos",
-    "power",
+@pytest.mark.parametrize("level,method", [
+    ("estimate", "lanczos"),
+    ("estimate", "power"),
+    ("probabilistic", "lanczos"),
+    ("exact", "lanczos"),
 ])
-def test_default_certify_survives_pgd_on_flat_spectrum(method):
+def test_default_certify_survives_pgd_on_flat_spectrum(level, method):
     model, x, y, eps = _flat_spectrum_net(4e-5)
-    c = certify(model, x, y, eps, "local", method=method, generator=torch.Generator().manual_seed(0))
+    c = certify(model, x, y, eps, "local", guarantee=level, method=method, generator=torch.Generator().manual_seed(0))
     attacked = pgd_l2(model, x, y, eps, steps=50, restarts=5, generator=torch.Generator().manual_seed(0))
     assert not torch.any(c.certified & (attacked <= 0)), (float(c.bound[0]), float(c.worst_margin[0]),
                                                             float(attacked[0]))
 
 
-def test_batched_certify_survives_pgd_with_low_rank_sample():
+@pytest.mark.parametrize("level", ["probabilistic", "exact", "estimate"])
+def test_batched_certify_survives_pgd_with_low_rank_sample(level):
     """Sample A: 3 of 16 ReLUs on (the other 13 off on the whole ball), margin direction = top left singular
     vector of D_A W, clean margin 0.9 * eps * ||D_A W||: not robust. Sample B: every ReLU on."""
     d, eps = 16, 0.1
@@ -410,7 +419,7 @@ def test_batched_certify_survives_pgd_with_low_rank_sample():
         y = model(x).argmax(1)
     attacked = pgd_l2(model, x, y, eps, steps=50, restarts=5, generator=torch.Generator().manual_seed(0))
     assert float(attacked[0]) < 0  # sample A is not robust
-    alone = certify(model, x[:1], y[:1], eps, "local", generator=torch.Generator().manual_seed(0))
+    alone = certify(model, x[:1], y[:1], eps, "local", guarantee=level, generator=torch.Generator().manual_seed(0))
     assert not alone.certified.any()
-    both = certify(model, x, y, eps, "local", generator=torch.Generator().manual_seed(0))
+    both = certify(model, x, y, eps, "local", guarantee=level, generator=torch.Generator().manual_seed(0))
     assert not torch.any(both.certified & (attacked <= 0)), (both.bound, float(s[0]))

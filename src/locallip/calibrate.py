@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .train import evaluate
+from .certify import evaluate
 
 
 def threshold_layers(model: nn.Module) -> List[nn.Module]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 from omegaconf import MISSING, OmegaConf
 
@@ -102,9 +102,16 @@ class AttackConfig:
 @dataclass
 class CertifyConfig:
     radii: List[float] = field(default_factory=lambda: [0.5, 1.0, 1.58])
-    method: str = "lanczos"  # lanczos | power: how the masked layer norms are computed
-    max_iter: int = 2000  # operator applications per layer
-    tol: float = 1e-4  # relative residual of the top Ritz pair (lanczos) or Rayleigh quotient (power)
+    # What a local-bound certificate promises: probabilistic (P(false) <= delta per point),
+    # exact (deterministic), or estimate (converged from below, not a guarantee).
+    guarantee: str = "probabilistic"
+    extra_guarantees: List[str] = field(default_factory=list)  # further levels reported beside it
+    delta: float = 1.0e-9  # probabilistic: failure probability per certified point (union over layers)
+    inflation: float = 0.01  # probabilistic: Lanczos steps chosen so the norm inflation is at most this
+    steps: Optional[int] = None  # probabilistic: Lanczos steps per layer (null: from inflation)
+    method: str = "lanczos"  # estimate: lanczos | power (how the masked layer norms are estimated)
+    max_iter: int = 2000  # estimate/exact: operator applications per layer
+    tol: float = 1e-4  # estimate/exact: relative residual of the top Ritz pair (lanczos) or Rayleigh quotient (power)
     batch_size: int = 256
     dtype: str = "float64"  # float64 keeps rounding error far below the margins
     last_layer: str = "ball_box"
@@ -206,53 +213,115 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _finite_nonneg(value: Any, name: str) -> None:
-    _check(isinstance(value, (int, float)) and not isinstance(value, bool)
-           and math.isfinite(value) and value >= 0,
+    _check(_is_number(value) and math.isfinite(value) and value >= 0,
            f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def _number(cfg: dict, key: str, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+            hi_open: bool = False, integer: bool = False, optional: bool = False) -> None:
+    """Range check of the number at dotted ``key``: finite, within [lo, hi] (or open ends)."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = value[part]
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a finite number"
+    ok = _is_number(value) and math.isfinite(value) and (not integer or float(value).is_integer())
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        bounds = []
+        if lo > -math.inf:
+            bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
+        if hi < math.inf:
+            bounds.append(f"{'<' if hi_open else '<='} {hi:g}")
+        rng = f" {' and '.join(bounds)}" if bounds else ""
+        raise ConfigError(f"{key} must be {kind}{rng}, got {value!r}")
+
+
+def _choice(cfg: dict, key: str, choices: Sequence[str]) -> None:
+    value: Any = cfg
+    for part in key.split("."):
+        value = value[part]
+    _check(value in choices, f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+GUARANTEES = ("probabilistic", "exact", "estimate")
+
+
 def validate(cfg: dict) -> dict:
-    """Range and choice checks that a dataclass schema cannot express."""
+    """Choices and ranges that a dataclass schema cannot express; every numeric field is checked.
+
+    Values that would make a certificate or its audit meaningless (an infinite or huge
+    tolerance, a non-positive attack step, delta outside (0, 1), ...) are rejected here,
+    when the configuration is composed, before any job runs.
+    """
     ds, m, t, c, cal = cfg["dataset"], cfg["model"], cfg["train"], cfg["certify"], cfg["calibrate"]
-    _check(ds["name"] in DATASET_NAMES,
-           f"unknown dataset {ds['name']!r}; known: {', '.join(DATASET_NAMES)}")
-    _check(len(ds["mean"]) == len(ds["std"]), "dataset.mean and dataset.std must have the same length")
-    _check(all(s > 0 for s in ds["std"]), "dataset.std entries must be > 0")
+    _choice(cfg, "dataset.name", DATASET_NAMES)
+    _number(cfg, "dataset.seed", 0, integer=True)
     for k in ("val_size", "calib_size", "test_size"):
-        _check(ds[k] > 0, f"dataset.{k} must be > 0, got {ds[k]}")
-    _check(m["arch"] in ARCHS, f"unknown model.arch {m['arch']!r}; known: {', '.join(ARCHS)}")
-    _check(m["activation"] in ACTIVATIONS,
-           f"unknown model.activation {m['activation']!r}; known: {', '.join(ACTIVATIONS)}")
-    _finite_nonneg(m["theta_init"], "model.theta_init")
-    _check(t["bound"] in ("local", "global"), f"train.bound must be local or global, got {t['bound']!r}")
-    _check(t["loss"] in ("bcp_mix", "gloro", "gloro_trades"),
-           f"train.loss must be bcp_mix, gloro or gloro_trades, got {t['loss']!r}")
-    _check(t["last_layer"] in ("ball", "ball_box"), "train.last_layer must be ball or ball_box")
-    _check(t["ramp"] in ("linear", "log"), f"train.ramp must be linear or log, got {t['ramp']!r}")
-    _check(t["device"] in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda")
-    for k in ("eps", "eps_train", "lr", "weight_decay", "sparsity_weight", "kappa_end", "trades_lambda"):
-        _finite_nonneg(t[k], f"train.{k}")
-    _check(t["epochs"] >= 1 and t["batch_size"] >= 1, "train.epochs and train.batch_size must be >= 1")
-    _check(t["power_iters"] >= 1, "train.power_iters must be >= 1")
-    _check(t["local_solver"] in ("krylov", "power"), f"train.local_solver must be krylov or power, got {t['local_solver']!r}")
-    _check(t["local_steps"] >= 1, "train.local_steps must be >= 1")
-    _check(t["diagnostics_size"] >= 0, "train.diagnostics_size must be >= 0")
-    _check(0 < t["lr_decay"] <= 1, "train.lr_decay must be in (0, 1]")
+        _number(cfg, f"dataset.{k}", 1, integer=True)
+    for k in ("train_limit", "test_limit"):
+        _number(cfg, f"dataset.{k}", 1, integer=True, optional=True)
+    _check(len(ds["mean"]) == len(ds["std"]), "dataset.mean and dataset.std must have the same length")
+    _check(all(_is_number(v) and math.isfinite(v) for v in ds["mean"]), "dataset.mean entries must be finite numbers")
+    _check(all(_is_number(v) and math.isfinite(v) and v > 0 for v in ds["std"]),
+           "dataset.std entries must be finite numbers > 0")
+
+    _choice(cfg, "model.arch", ARCHS)
+    _choice(cfg, "model.activation", ACTIVATIONS)
+    _number(cfg, "model.theta_init", 0)
+
+    _choice(cfg, "train.bound", ("local", "global"))
+    _choice(cfg, "train.loss", ("bcp_mix", "gloro", "gloro_trades"))
+    _choice(cfg, "train.last_layer", ("ball", "ball_box"))
+    _choice(cfg, "train.ramp", ("linear", "log"))
+    _choice(cfg, "train.device", ("auto", "cpu", "cuda"))
+    _choice(cfg, "train.local_solver", ("krylov", "power"))
+    for k in ("eps", "eps_train", "weight_decay", "sparsity_weight", "trades_lambda"):
+        _number(cfg, f"train.{k}", 0)
+    _number(cfg, "train.lr", 0, lo_open=True)
+    _number(cfg, "train.kappa_end", 0, 1)
+    _number(cfg, "train.lr_decay", 0, 1, lo_open=True)
+    for k in ("epochs", "batch_size", "power_iters", "local_steps", "val_every", "val_max_iter"):
+        _number(cfg, f"train.{k}", 1, integer=True)
+    for k in ("warmup_epochs", "ramp_epochs", "lr_decay_start", "num_threads", "seed", "diagnostics_size"):
+        _number(cfg, f"train.{k}", 0, integer=True)
+
+    _number(cfg, "calibrate.eps", 0)
+    _check(len(cal["scales"]) > 0 and all(_is_number(v) and math.isfinite(v) and v > 0 for v in cal["scales"]),
+           "calibrate.scales must be a non-empty list of finite numbers > 0")
+    _number(cfg, "calibrate.max_clean_drop", 0, 1)
+    _number(cfg, "calibrate.max_iter", 1, integer=True)
+    _number(cfg, "calibrate.tol", 0, 0.1, lo_open=True)
+    _number(cfg, "calibrate.batch_size", 1, integer=True)
+
     _check(len(c["radii"]) > 0, "certify.radii must not be empty")
     for r in c["radii"]:
         _finite_nonneg(r, "every certify.radii entry")
     _check(len(set(map(float, c["radii"]))) == len(c["radii"]), "certify.radii has duplicates")
-    _check(c["dtype"] in ("float32", "float64"), "certify.dtype must be float32 or float64")
-    _check(c["last_layer"] in ("ball", "ball_box"), "certify.last_layer must be ball or ball_box")
-    _check(c["max_iter"] >= 1 and c["tol"] > 0, "certify.max_iter must be >= 1 and certify.tol > 0")
-    _check(c["method"] in ("lanczos", "power"), f"certify.method must be lanczos or power, got {c['method']!r}")
-    _check(c["attack"]["steps"] >= 1 and c["attack"]["restarts"] >= 1,
-           "certify.attack.steps and certify.attack.restarts must be >= 1")
-    _finite_nonneg(cal["eps"], "calibrate.eps")
-    _check(len(cal["scales"]) > 0 and all(s > 0 for s in cal["scales"]),
-           "calibrate.scales must be a non-empty list of numbers > 0")
-    _check(0 <= cal["max_clean_drop"] <= 1, "calibrate.max_clean_drop must be in [0, 1]")
+    _choice(cfg, "certify.guarantee", GUARANTEES)
+    _check(all(lv in GUARANTEES for lv in c["extra_guarantees"]),
+           f"certify.extra_guarantees entries must be among {', '.join(GUARANTEES)}, got {c['extra_guarantees']!r}")
+    _number(cfg, "certify.delta", 0, 1, lo_open=True, hi_open=True)
+    _number(cfg, "certify.inflation", 0, 1, lo_open=True)
+    _number(cfg, "certify.steps", 1, integer=True, optional=True)
+    _choice(cfg, "certify.method", ("lanczos", "power"))
+    _number(cfg, "certify.max_iter", 1, integer=True)
+    # A loose tolerance makes an estimate meaningless (and places the exact level's trials badly).
+    _number(cfg, "certify.tol", 0, 0.01, lo_open=True)
+    _number(cfg, "certify.batch_size", 1, integer=True)
+    _choice(cfg, "certify.dtype", ("float32", "float64"))
+    _choice(cfg, "certify.last_layer", ("ball", "ball_box"))
+    _number(cfg, "certify.seed", 0, integer=True)
+    _number(cfg, "certify.attack.steps", 1, integer=True)
+    _number(cfg, "certify.attack.restarts", 1, integer=True)
+    _number(cfg, "certify.attack.step_size", 0, 2, lo_open=True)
     return cfg
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .bounds import (converged_layer_norms, global_bound, global_margins, local_bound, local_margins,
                      network_layers, penultimate)
+from .certify import evaluate
 from .losses import bcp_mix_loss, gloro_loss, gloro_trades_loss, sparsity_loss
 from .nn.models import LipschitzNet, build_model
 
@@ -62,8 +63,10 @@ def training_local_bound(model: LipschitzNet, x: Tensor, eps: float, cfg: dict):
     """The local bound the training step optimises: warm-started from the global singular vectors,
     ``local_steps`` Lanczos steps (``local_solver=krylov``) or ``power_iters`` power iterations."""
     if cfg["local_solver"] == "krylov":
-        return local_bound(model, x, eps, max_iter=cfg["local_steps"], init="global", method="krylov")
-    return local_bound(model, x, eps, max_iter=cfg["power_iters"], tol=0.0, init="global")
+        return local_bound(model, x, eps, guarantee="estimate", max_iter=cfg["local_steps"], init="global",
+                           method="krylov", work_dtype=None)
+    return local_bound(model, x, eps, guarantee="estimate", max_iter=cfg["power_iters"], tol=0.0, init="global",
+                       method="power", work_dtype=None)
 
 
 def bound_diagnostics(model: LipschitzNet, x: Tensor, eps: float, cfg: dict, seed: int = 0) -> Dict[str, object]:
@@ -130,27 +133,6 @@ def clamp_thresholds(model: nn.Module) -> None:
 def threshold_mean(model: nn.Module) -> Optional[float]:
     vals = [m.threshold_mean() for m in model.modules() if getattr(m, "has_thresholds", False)]
     return sum(vals) / len(vals) if vals else None
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def evaluate(model: LipschitzNet, x: Tensor, y: Tensor, eps: float, bound: str, *, max_iter: int = 200,
-             tol: float = 1e-4, batch_size: int = 256, seed: int = 0) -> Dict[str, float]:
-    """Clean and certified accuracy of a split (model selection, calibration)."""
-    from .certify import certify
-
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    g = global_bound(model, method="guaranteed")
-    correct = certified = 0
-    for s in range(0, x.shape[0], batch_size):
-        xb, yb = x[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
-        c = certify(model, xb, yb, eps, bound, max_iter=max_iter, tol=tol, generator=gen, global_result=g)
-        correct += int(c.correct.sum())
-        certified += int(c.certified.sum())
-    n = max(x.shape[0], 1)
-    return {"clean_acc": correct / n, "certified_acc": certified / n}
 
 
 # --------------------------------------------------------------------------- the stage

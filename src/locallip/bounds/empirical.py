@@ -85,7 +85,7 @@ def _smooth_act(act: nn.Module, z: Tensor, beta: float) -> Tensor:
 
 def _smooth_penultimate(beta: float):
     def forward(model: nn.Module, x: Tensor) -> Tensor:
-        ops, acts = network_layers(model)
+        ops, acts = network_layers(model, input_shape=tuple(x.shape[1:]))
         h = x
         for op, act in zip(ops[:-1], acts):
             h = _smooth_act(act, op.forward(h), beta)

@@ -5,7 +5,7 @@ The margin z_y - z_j then moves by at most eps * K * ||w_y - w_j|| on an eps-bal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -77,21 +77,29 @@ def _dense_norm_exact(op: AffineOp) -> Tensor:
 _ROUNDING_SLACK = 1e-9
 
 
-def global_bound(model: nn.Sequential, method: str = "power", iters: int = 1, update: bool = True
-                 ) -> GlobalBound:
+def global_bound(model: nn.Sequential, method: str = "guaranteed", iters: int = 1, update: bool = True,
+                 input_shape: Optional[Sequence[int]] = None) -> GlobalBound:
     """Global Lipschitz bound of the penultimate features: per-layer norms and their product.
 
+    method="guaranteed" (default): certified upper bounds (no gradient, float64): exact SVD
+      for dense layers, an FFT circulant-embedding bound for convolutions.
     method="power": ``iters`` power iterations per layer, warm-started from the
       vectors kept in the model's buffers (updated when ``update``); differentiable
       (training). An estimate from below.
-    method="guaranteed": certified upper bounds (no gradient, float64).
+    ``input_shape`` (C, H, W) is needed for convolutional networks without an
+    ``input_shape`` attribute (a dense network's comes from its first layer).
     """
-    ops, _ = network_layers(model)
+    if input_shape is None and not hasattr(model, "input_shape"):
+        first = next((m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+        if isinstance(first, nn.Linear):
+            input_shape = (first.in_features,)
+    ops, _ = network_layers(model, input_shape=input_shape)
     hidden = ops[:-1]
     if method == "guaranteed":
         with torch.no_grad():
-            norms = torch.stack([(_conv_norm_upper(op) if isinstance(op.layer, nn.Conv2d)
-                                  else _dense_norm_exact(op)) * (1 + _ROUNDING_SLACK) for op in hidden])
+            norms = [(_conv_norm_upper(op) if isinstance(op.layer, nn.Conv2d)
+                      else _dense_norm_exact(op)) * (1 + _ROUNDING_SLACK) for op in hidden]
+            norms = torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64)
         dtype = ops[0].weight.dtype
         norms = norms.to(dtype) if dtype == torch.float64 else norms.to(dtype) * (1 + 1e-6)
         return GlobalBound(norms, norms.prod(), GUARANTEED, method)
@@ -108,5 +116,5 @@ def global_bound(model: nn.Sequential, method: str = "power", iters: int = 1, up
         if update and vectors is not None:
             vectors[i].copy_(res.vector.reshape(-1))
         norms.append(res.sigma[0])
-    norms = torch.stack(norms)
+    norms = torch.stack(norms) if norms else ops[0].weight.new_zeros(0)
     return GlobalBound(norms, norms.prod(), ESTIMATE, method)

@@ -14,8 +14,10 @@ Tensor = torch.Tensor
 
 
 def _last_layer(model: nn.Sequential) -> nn.Linear:
-    ops, _ = network_layers(model)
-    return ops[-1].layer
+    layers = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers or not isinstance(layers[-1], nn.Linear):
+        raise ValueError("the model must end with a Linear layer giving the logits")
+    return layers[-1]
 
 
 def margin_lower_bounds(weight: Tensor, bias: Optional[Tensor], features: Tensor, radius: Tensor,
@@ -109,7 +111,7 @@ def worst_margin(margins: Tensor, y: Tensor) -> Tensor:
 
 def penultimate(model: nn.Sequential, x: Tensor) -> Tensor:
     """Clean penultimate features h_{L-1} (flattened) of x."""
-    ops, acts = network_layers(model)
+    ops, acts = network_layers(model, input_shape=tuple(x.shape[1:]))
     h = x
     for op, act in zip(ops[:-1], acts):
         h = act(op.forward(h))

@@ -91,7 +91,13 @@ class AffineOp:
 
     def transpose(self, u: Tensor) -> Tensor:
         """W^T u, shaped like the layer input."""
-        if isinstance(self.layer, nn.Conv2d):
+        if isinstance(self.layer, nn.Conv2d) and self.layer.in_channels == 1:
+            # One input channel: the transpose is a small matmul and a fold (col2im), ~2x faster
+            # on CPU than conv_transpose2d, which is slow for this shape.
+            k = self.layer.kernel_size
+            cols = torch.matmul(self.weight.reshape(self.weight.shape[0], -1).T, u.flatten(2))
+            v = F.fold(cols, self.in_shape[1:], k, padding=self.layer.padding, stride=self.layer.stride)
+        elif isinstance(self.layer, nn.Conv2d):
             v = F.conv_transpose2d(u, self.weight, None, self.layer.stride, self.layer.padding,
                                    self.output_padding)
         else:
@@ -124,7 +130,8 @@ def network_layers(model: nn.Sequential, input_shape: Optional[Sequence[int]] = 
     """
     shape = tuple(input_shape or getattr(model, "input_shape", ()))
     if not shape:
-        raise ValueError("model has no input_shape; pass input_shape")
+        raise ValueError("the input shape is unknown: pass input_shape=(C, H, W) (or (features,)), "
+                         "or give the model an input_shape attribute")
     ops: List[AffineOp] = []
     acts: List[nn.Module] = []
     norm, flatten, expect_op = None, False, True
@@ -152,8 +159,6 @@ def network_layers(model: nn.Sequential, input_shape: Optional[Sequence[int]] = 
                              f"Flatten, Normalize (first) and locallip activations")
     if not ops or expect_op or not isinstance(ops[-1].layer, nn.Linear):
         raise ValueError("the model must end with a Linear layer giving the logits")
-    if len(ops) < 2:
-        raise ValueError("the model needs at least one hidden layer")
     return ops, acts
 
 

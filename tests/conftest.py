@@ -1,6 +1,13 @@
-"""Fixtures shared by the bound-core tests (opted into with pytestmark = usefixtures(...))."""
+"""Shared fixtures. Tests are split into ``unit/`` (library functions on small inputs) and
+``pipeline/`` (stages, Snakemake, DVC, SLURM on the smoke experiment); the helpers in this
+directory serve both. ``pytest -m "not slow"`` is the quick loop."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # net_helpers, pipeline_helpers
 
 
 @pytest.fixture

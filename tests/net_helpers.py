@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from locallip.train import clamp_thresholds
+from locallip.nn.activations import clamp_thresholds
 
 
 def fit_briefly(model, x, y, steps, lr):

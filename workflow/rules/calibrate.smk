@@ -1,13 +1,10 @@
 rule calibrate:
     input:
-        data=SPLITS,
-        model=MODEL,
-        code=code("calibrate"),
+        unpack(stage_inputs("calibrate")),
     output:
-        model=CALIBRATED_MODEL,
-        summary=CALIBRATION,
+        **output_patterns("calibrate"),
     params:
-        cfg=stage_cfg("calibrate"),
+        cmd=stage_command("calibrate"),
     log:
         f"{LOGS}/calibrate.log",
     threads: 1
@@ -18,5 +15,4 @@ rule calibrate:
     conda:
         "../envs/locallip.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} locallip calibrate --cfg-json {params.cfg:q} --data {input.data:q} --model {input.model:q}"
-        " --out {output.model:q} --summary {output.summary:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cmd} --threads {threads} > {log:q} 2>&1"

@@ -1,16 +1,17 @@
-# One job per radius: results/<experiment>/certify/radius_<r>.json (+ .csv).
-# GPU stages use as many CPU threads as they are given (OMP_NUM_THREADS={threads};
-# raise with --set-threads certify=N or in a profile).
+# One job per radius: results/<experiment>/certify/radius_<r>.json (+ .csv), and one
+# for every test point's largest certified radius (certify/radii.csv, the report's curve).
 rule certify:
     input:
-        data=SPLITS,
-        model=CALIBRATED_MODEL,
-        code=code("certify"),
+        unpack(stage_inputs("certify")),
     output:
-        summary=CERTIFICATE,
-        table=CERTIFICATE_TABLE,
+        out=report(str(layout.certificate(EXP, "{radius}")), caption="../report/certificate.rst",
+                   category="Certification", subcategory="{experiment}",
+                   labels={"experiment": "{experiment}", "radius": "{radius}", "file": "summary (JSON)"}),
+        table=report(str(layout.certificate_table(EXP, "{radius}")), caption="../report/certificate_table.rst",
+                     category="Certification", subcategory="{experiment}",
+                     labels={"experiment": "{experiment}", "radius": "{radius}", "file": "per sample (CSV)"}),
     params:
-        cfg=stage_cfg("certify"),
+        cmd=stage_command("certify"),
     log:
         f"{LOGS}/certify_{{radius}}.log",
     threads: 1
@@ -21,5 +22,24 @@ rule certify:
     conda:
         "../envs/locallip.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} locallip certify --cfg-json {params.cfg:q} --radius {wildcards.radius} --data {input.data:q}"
-        " --model {input.model:q} --out {output.summary:q} --table {output.table:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cmd} --threads {threads} > {log:q} 2>&1"
+
+
+rule radii:
+    input:
+        unpack(stage_inputs("radii")),
+    output:
+        **output_patterns("radii"),
+    params:
+        cmd=stage_command("radii"),
+    log:
+        f"{LOGS}/radii.log",
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/locallip.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} {params.cmd} --threads {threads} > {log:q} 2>&1"

@@ -1,73 +1,56 @@
-# Shared by all rules: the composed configuration and the small functions
-# they use to look it up. Nothing else is defined here.
+# Shared by all rules: the composed configuration and small lookups into
+# locallip.pipeline.dag, which defines every stage's inputs, outputs, settings and
+# command (the same graph the DVC generator and the report read).
 import re
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from locallip import orchestrate, paths
-from locallip.config import ConfigError
+from locallip.pipeline import dag, layout
+from locallip.pipeline.config import ConfigError
 
 
 validate(config, schema="../schemas/config.schema.yaml")
 
 try:
     # Hydra composition of every experiment, once, at parse time.
-    EXPERIMENT_CONFIGS = orchestrate.compose_all(
-        config["overrides"], config["experiment_overrides"], first=config["experiments"]
+    SETTINGS = dag.normalize_settings(config)
+    EXPERIMENT_CONFIGS = dag.compose_all(
+        SETTINGS["overrides"], SETTINGS["experiment_overrides"], first=SETTINGS["experiments"]
     )
-    DEFAULT_EXPERIMENTS = orchestrate.with_baselines(
-        config["experiments"], EXPERIMENT_CONFIGS
-    )
+    DEFAULT_EXPERIMENTS = dag.with_baselines(SETTINGS["experiments"], EXPERIMENT_CONFIGS)
 except ConfigError as e:
     raise WorkflowError(f"locallip configuration error: {e}") from None
 
 
 wildcard_constraints:
     experiment="|".join(re.escape(n) for n in sorted(EXPERIMENT_CONFIGS)),
-    radius=orchestrate.RADIUS_TAG_RE,
+    radius=dag.RADIUS_TAG_RE,
 
 
-# Output and log paths, with wildcards (the same layout as locallip.paths everywhere).
 EXP = "{experiment}"
-SPLITS = str(paths.splits(EXP))
-MODEL = str(paths.model(EXP))
-TRAIN_METRICS = str(paths.train_metrics(EXP))
-TRAIN_STATE = str(paths.train_state(EXP))  # resume checkpoint: deliberately not an output
-CALIBRATED_MODEL = str(paths.calibrated_model(EXP))
-CALIBRATION = str(paths.calibration(EXP))
-CERTIFICATE = str(paths.experiment_dir(EXP) / "certify" / "radius_{radius}.json")
-CERTIFICATE_TABLE = str(paths.experiment_dir(EXP) / "certify" / "radius_{radius}.csv")
-EXPERIMENT_DIR = str(paths.experiment_dir(EXP))
-LOGS = str(paths.experiment_dir(EXP) / "logs")
-REPORT_OUTPUTS = orchestrate.report_outputs(EXP)
+LOGS = str(layout.logs_dir(EXP))
 
 
 def default_reports():
-    return [str(paths.report(n)) for n in DEFAULT_EXPERIMENTS]
+    return [str(layout.report(n)) for n in DEFAULT_EXPERIMENTS]
 
 
-def code(stage):
-    """Package source files the stage runs (a change reruns the stage and what follows)."""
-    return orchestrate.code_deps(stage)
+def _job(stage, wildcards):
+    radius = dag.parse_radius_tag(wildcards.radius) if stage == "certify" else None
+    return dag.job(EXPERIMENT_CONFIGS, wildcards.experiment, stage, radius)
 
 
-def stage_cfg(stage):
-    """params: function -> the stage's configuration as a JSON string."""
-
-    def get(wildcards):
-        cfg = EXPERIMENT_CONFIGS[wildcards.experiment]
-        radius = None
-        if stage == "certify":
-            radius = orchestrate.parse_radius_tag(wildcards.radius)
-        return orchestrate.stage_json(cfg, stage, radius)
-
-    return get
+def stage_inputs(stage):
+    """input: function -> the job's named input groups."""
+    return lambda wildcards: _job(stage, wildcards).inputs
 
 
-def report_inputs(wildcards):
-    return orchestrate.report_inputs(EXPERIMENT_CONFIGS, wildcards.experiment)
+def stage_command(stage):
+    """params: function -> the job's command line (its settings inline, tracked as a param)."""
+    return lambda wildcards: dag.shell(dag.command(_job(stage, wildcards), "json"))
 
 
-def baseline_args(wildcards):
-    return orchestrate.baseline_args(EXPERIMENT_CONFIGS[wildcards.experiment])
+def output_patterns(stage):
+    """The job's outputs with wildcards ({experiment}, {radius})."""
+    return dag.outputs(stage, EXP, "{radius}")

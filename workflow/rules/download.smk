@@ -1,13 +1,13 @@
 rule download:
     input:
-        code=code("download"),
+        unpack(stage_inputs("download")),
     output:
-        splits=SPLITS,
+        **output_patterns("download"),
     params:
-        cfg=stage_cfg("download"),
+        cmd=stage_command("download"),
     log:
         f"{LOGS}/download.log",
     conda:
         "../envs/locallip.yaml"
     shell:
-        "locallip download --cfg-json {params.cfg:q} --out {output.splits:q} > {log:q} 2>&1"
+        "{params.cmd} > {log:q} 2>&1"

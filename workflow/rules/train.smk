@@ -1,13 +1,12 @@
+# GPU stages use as many CPU threads as they are given (raise with --set-threads train=N
+# or in a profile); threads are not a tracked setting, so changing them reruns nothing.
 rule train:
     input:
-        data=SPLITS,
-        code=code("train"),
+        unpack(stage_inputs("train")),
     output:
-        model=MODEL,
-        metrics=TRAIN_METRICS,
+        **output_patterns("train"),
     params:
-        cfg=stage_cfg("train"),
-        state=TRAIN_STATE,
+        cmd=stage_command("train"),
     log:
         f"{LOGS}/train.log",
     threads: 2
@@ -18,5 +17,4 @@ rule train:
     conda:
         "../envs/locallip.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} locallip train --cfg-json {params.cfg:q} --data {input.data:q} --out {output.model:q}"
-        " --metrics {output.metrics:q} --state {params.state:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.cmd} --threads {threads} > {log:q} 2>&1"

@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .catalog import ACTIVATIONS
+
 Tensor = torch.Tensor
 
 
@@ -212,6 +214,19 @@ class ClippedMaxMin(LipschitzActivation):
         return f"shape={self.shape}"
 
 
+def clamp_thresholds(model: nn.Module) -> None:
+    """Keep every clipping threshold >= 0 (after each optimizer step)."""
+    for m in model.modules():
+        if getattr(m, "has_thresholds", False):
+            m.clamp_thresholds_()
+
+
+def threshold_mean(model: nn.Module) -> Optional[float]:
+    """Mean clipping threshold over the clipped layers (None without any)."""
+    vals = [m.threshold_mean() for m in model.modules() if getattr(m, "has_thresholds", False)]
+    return sum(vals) / len(vals) if vals else None
+
+
 def make_activation(name: str, shape: Sequence[int], theta_init: float = 1.0) -> LipschitzActivation:
     """Build an activation by name for outputs of the given per-sample shape."""
     if name == "relu":
@@ -222,4 +237,4 @@ def make_activation(name: str, shape: Sequence[int], theta_init: float = 1.0) ->
         return MaxMin()
     if name == "clipped_maxmin":
         return ClippedMaxMin(shape, theta_init)
-    raise ValueError(f"unknown activation {name!r}; known: relu, clipped_relu, maxmin, clipped_maxmin")
+    raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")

@@ -7,22 +7,13 @@ the bounds, so a radius always means l2 distance in [0, 1] pixel units.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .activations import make_activation
-
-# (out_channels, kernel, stride, padding) per conv layer; dense widths before the logits.
-ARCHITECTURES: Dict[str, Tuple[List[Tuple[int, int, int, int]], List[int]]] = {
-    "2c2f": ([(16, 4, 2, 1), (32, 4, 2, 1)], [100]),
-    "4c3f": ([(32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)], [512, 512]),
-    "6c2f": ([(32, 3, 1, 1), (32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 1)], [512]),
-    "8c2f": ([(64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 1), (128, 3, 1, 1), (128, 3, 1, 1), (128, 4, 2, 1),
-              (256, 3, 1, 1), (256, 4, 2, 1)], [512]),
-}
-
+from .catalog import ARCHITECTURES
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel. Treated by the bounds as part of the first layer."""
@@ -72,6 +63,7 @@ def build_model(arch: str, activation: str = "clipped_relu", input_shape: Sequen
                 num_classes: int = 10, theta_init: float = 1.0,
                 mean: Sequence[float] = (), std: Sequence[float] = ()) -> LipschitzNet:
     """Build one of ARCHITECTURES with the given activation."""
+    arch, activation = str(arch), str(activation)  # names (a string-valued enum is accepted too)
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     input_shape = tuple(int(s) for s in input_shape)

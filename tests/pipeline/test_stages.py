@@ -19,7 +19,7 @@ from locallip.data import load_splits, run_download, save_splits, to_tensors
 from locallip.io import CheckpointError
 from locallip.train import run_train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import pytest
 
 from pipeline_helpers import config_args, copy_project, env_for
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "workflow" / "scripts" / "local_slurm.sh"
 PROFILE = "workflow/profiles/slurm"
 PROFILE_LOCAL = "workflow/profiles/slurm-local"

@@ -1,4 +1,4 @@
-"""Threshold calibration: rescale clipping thresholds on the calibration split.
+"""The calibrate stage: rescale clipping thresholds on the calibration split.
 
 Lower thresholds saturate more neurons (tighter local bound, more certified
 points) but clip more signal (lower clean accuracy). We pick per-layer scales
@@ -15,7 +15,12 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .certify import evaluate
+from ..certify import evaluate
+from ..data.splits import load_splits, to_tensors
+from ..pipeline.checkpoints import load_model, save_model
+from ..pipeline.config import CalibrateConfig, CalibrateStage, RunConfig, plain
+from ..pipeline.dag import code_version
+from ..pipeline.files import file_digest, stage_lock, write_json
 
 
 def threshold_layers(model: nn.Module) -> List[nn.Module]:
@@ -30,7 +35,7 @@ def _set_scales(model: nn.Module, base: List[Dict[str, torch.Tensor]], scales: L
                 getattr(layer, name).copy_(value * s)
 
 
-def calibrate_thresholds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bound: str, cfg: dict,
+def calibrate_thresholds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bound: str, cfg: CalibrateConfig,
                          log=print) -> dict:
     """Search threshold scales; leaves the model at the chosen scales. Returns what was tried.
 
@@ -47,13 +52,13 @@ def calibrate_thresholds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bou
         key = tuple(scales)
         if key not in cache:
             _set_scales(model, base, scales)
-            cache[key] = evaluate(model, x, y, cfg["eps"], bound, max_iter=cfg["max_iter"], tol=cfg["tol"],
-                                  batch_size=cfg["batch_size"])
+            cache[key] = evaluate(model, x, y, cfg.eps, bound, max_iter=cfg.max_iter, tol=cfg.tol,
+                                  batch_size=cfg.batch_size)
         return cache[key]
 
     ones = [1.0] * len(layers)
     before = score(ones)
-    floor = before["clean_acc"] - cfg["max_clean_drop"]
+    floor = before["clean_acc"] - cfg.max_clean_drop
     tried = []
 
     def consider(scales, layer):
@@ -66,14 +71,14 @@ def calibrate_thresholds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bou
         return r, ok
 
     best_scales, best = ones, before
-    for s in cfg["scales"]:
+    for s in cfg.scales:
         cand = [float(s)] * len(layers)
         r, ok = consider(cand, None)
         if ok and r["certified_acc"] > best["certified_acc"]:
             best_scales, best = cand, r
     chosen_uniform = best_scales[0]
-    if cfg.get("per_layer", True) and len(layers) > 1:
-        grid = sorted({float(s) for s in cfg["scales"]} | {1.0})
+    if cfg.per_layer and len(layers) > 1:
+        grid = sorted({float(s) for s in cfg.scales} | {1.0})
         for i in range(len(layers)):
             # One coordinate step per layer: the grid neighbours of its current scale.
             k = grid.index(best_scales[i]) if best_scales[i] in grid else 0
@@ -90,24 +95,29 @@ def calibrate_thresholds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bou
             "tried": tried}
 
 
-def run_calibrate(cfg: dict, data: Path, model: Path, out: Path, summary: Path) -> dict:
+def run_calibrate(cfg: CalibrateStage, data: Path, model: Path, out: Path, summary: Path,
+                  run: RunConfig = RunConfig()) -> dict:
     """Calibrate stage: trained checkpoint -> calibrated checkpoint + JSON of what was tried and chosen."""
-    from .checkpoints import load_model, save_model
-    from .data import load_splits, to_tensors
-    from .io import write_json
+    with stage_lock(out, "calibrate"):
+        if run.threads > 0:
+            torch.set_num_threads(run.threads)
+        return _calibrate(cfg, Path(data), Path(model), Path(out), Path(summary))
 
-    cc = cfg["calibrate"]
+
+def _calibrate(cfg: CalibrateStage, data: Path, model: Path, out: Path, summary: Path) -> dict:
+    cc = cfg.calibrate
     t0 = time.perf_counter()
     net, ckpt = load_model(model)
     bound = ckpt.get("train", {}).get("bound", "local")
     extra = {k: v for k, v in ckpt.items() if k not in ("format", "spec", "state_dict", "calibration")}
-    result = {"applicable": False, "eps": float(cc["eps"]), "max_clean_drop": float(cc["max_clean_drop"]),
+    result = {"applicable": False, "eps": float(cc.eps), "max_clean_drop": float(cc.max_clean_drop),
               "tried": [], "chosen_scale": None, "chosen_scales": None, "before": None, "after": None,
-              "bound": bound}
+              "bound": bound, "trained_model_sha256": file_digest(model), "code_version": code_version("calibrate"),
+              "settings": plain(cfg)}
     if not threshold_layers(net):
         result["message"] = (f"model activation {net.spec.get('activation')!r} has no clipping thresholds: "
                              f"passed through unchanged")
-        print(f"[calibrate] {cfg['name']}: {result['message']}")
+        print(f"[calibrate] {cfg.name}: {result['message']}")
     else:
         splits = load_splits(data)
         x, y = to_tensors(splits.calib_x, splits.calib_y)

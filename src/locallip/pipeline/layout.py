@@ -1,0 +1,84 @@
+"""Where each stage writes, under ``results/<experiment>/``: the only description of the layout."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import radius_tag
+
+RESULTS = Path("results")
+
+
+def experiment_dir(name: str, results: Path = RESULTS) -> Path:
+    return Path(results) / name
+
+
+def splits(name: str, results: Path = RESULTS) -> Path:
+    return experiment_dir(name, results) / "data" / "splits.npz"
+
+
+def model(name: str, results: Path = RESULTS) -> Path:
+    return experiment_dir(name, results) / "train" / "model.pt"
+
+
+def train_metrics(name: str, results: Path = RESULTS) -> Path:
+    return experiment_dir(name, results) / "train" / "metrics.json"
+
+
+def train_state(name: str, results: Path = RESULTS) -> Path:
+    """Resume checkpoint: deliberately not a declared output, so a killed job keeps it."""
+    return experiment_dir(name, results) / "train" / "state" / "last.pt"
+
+
+def calibrated_model(name: str, results: Path = RESULTS) -> Path:
+    return experiment_dir(name, results) / "calibrate" / "model.pt"
+
+
+def calibration(name: str, results: Path = RESULTS) -> Path:
+    return experiment_dir(name, results) / "calibrate" / "calibration.json"
+
+
+def _tag(radius) -> str:
+    """A radius's file-name tag; a string is used as given (a wildcard pattern such as '{radius}')."""
+    return radius if isinstance(radius, str) else radius_tag(radius)
+
+
+def certificate(name: str, radius, results: Path = RESULTS) -> Path:
+    return experiment_dir(name, results) / "certify" / f"radius_{_tag(radius)}.json"
+
+
+def certificate_table(name: str, radius, results: Path = RESULTS) -> Path:
+    return experiment_dir(name, results) / "certify" / f"radius_{_tag(radius)}.csv"
+
+
+def report(name: str, results: Path = RESULTS) -> Path:
+    return experiment_dir(name, results) / "report.md"
+
+
+def plots_dir(name: str, results: Path = RESULTS) -> Path:
+    return experiment_dir(name, results) / "plots"
+
+
+def logs_dir(name: str, results: Path = RESULTS) -> Path:
+    return experiment_dir(name, results) / "logs"
+
+
+def audit_failure(certificate_path: Path) -> Path:
+    """Where a failed attack audit is recorded, beside the certificate it replaces."""
+    return Path(str(certificate_path) + ".audit-failed.json")
+
+
+def training_plot(name: str, results: Path = RESULTS) -> Path:
+    return plots_dir(name, results) / "training.png"
+
+
+def radius_plot(name: str, results: Path = RESULTS) -> Path:
+    return plots_dir(name, results) / "certified_vs_radius.png"
+
+
+def radii_table(name: str, results: Path = RESULTS) -> Path:
+    """Per test point, the largest certified radius (local and global bound)."""
+    return experiment_dir(name, results) / "certify" / "radii.csv"
+
+
+def diagnostics_plot(name: str, results: Path = RESULTS) -> Path:
+    return plots_dir(name, results) / "bound_diagnostics.png"

@@ -1,0 +1,5 @@
+"""The pipeline's stages: each reads its inputs, calls the library, writes its outputs.
+
+download -> train -> calibrate -> certify (one job per radius) -> report. Nothing is
+imported here, so that a stage depends only on the modules it uses.
+"""

@@ -190,8 +190,10 @@ def model_from_args(args: argparse.Namespace):
     return trained_model("mnist5k", overrides, reuse_results=not args.train)
 
 
-def _cfg_hash(cfg: dict) -> str:
-    keep = {k: cfg[k] for k in ("dataset", "model", "train")}
+def _cfg_hash(cfg) -> str:
+    from locallip.pipeline.config import plain
+
+    keep = {k: plain(getattr(cfg, k)) for k in ("dataset", "model", "train")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -206,14 +208,14 @@ def trained_model(experiment: str = "mnist5k", overrides: Sequence[str] = (), re
 
     Returns (model, x_test, y_test, cfg, info).
     """
-    from locallip import paths
-    from locallip.checkpoints import load_model
-    from locallip.config import compose
-    from locallip.data import load_splits, run_download, to_tensors
-    from locallip.train import run_train
+    from locallip.data.splits import load_splits, to_tensors
+    from locallip.pipeline import layout as paths
+    from locallip.pipeline.checkpoints import load_model
+    from locallip.pipeline.config import RunConfig, compose, stage_config
+    from locallip.stages.download import run_download
+    from locallip.stages.train import run_train
 
     cfg = compose(experiment, list(overrides), config_dir=REPO / "config")
-    cfg["train"]["progress"] = progress
     pipeline_model = REPO / paths.model(experiment)
     pipeline_splits = REPO / paths.splits(experiment)
     info: Dict[str, object] = {"experiment": experiment, "overrides": list(overrides)}
@@ -227,11 +229,12 @@ def trained_model(experiment: str = "mnist5k", overrides: Sequence[str] = (), re
         work.mkdir(parents=True, exist_ok=True)
         data = work / "splits.npz"
         if not data.exists():
-            run_download(cfg, data)
+            run_download(stage_config(cfg, "download"), data)
         model_path = work / "model.pt"
         t0 = time.perf_counter()
         if not model_path.exists():
-            summary = run_train(cfg, data, model_path, work / "metrics.json", work / "state" / "last.pt")
+            summary = run_train(stage_config(cfg, "train"), data, model_path, work / "metrics.json",
+                                work / "state" / "last.pt", run=RunConfig(progress=progress))
             info["train_time_s"] = summary["train_time_s"]
             info["trained_now"] = True
         else:

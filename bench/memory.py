@@ -3,7 +3,7 @@
 Each configuration runs in a fresh subprocess (``python -m bench.memory --child ...``)
 that builds the model and a random dataset, records ``ru_maxrss`` (baseline), runs
 one epoch of Local-Lip training steps exactly as ``run_train`` does them
-(``robust_loss`` with the ``mnist`` experiment's train config, bound local, ball_box,
+(``stages.train.train_step`` with the ``mnist`` experiment's train config, bound local, ball_box,
 eps = eps_train), and records ``ru_maxrss`` again. The child also *checks* that
 nothing per dataset sample is kept between steps and fails if it is:
 
@@ -77,16 +77,18 @@ def _optimizer_bytes(opt) -> int:
 def child(batch_size: int, samples: int, threads: int) -> dict:
     import torch
 
-    from locallip.config import compose
+    from dataclasses import replace
+
     from locallip.nn.models import build_model
-    from locallip.train import clamp_thresholds, robust_loss
+    from locallip.pipeline.config import compose
+    from locallip.stages.train import train_step
 
     set_threads(threads)
     cfg = compose("mnist", config_dir=REPO / "config")
-    tc = dict(cfg["train"], batch_size=batch_size, bound="local", loss="bcp_mix", last_layer="ball_box")
-    eps, kappa = float(tc["eps_train"]), float(tc["kappa_end"])
+    tc = replace(cfg.train, batch_size=batch_size, bound="local", loss="bcp_mix", last_layer="ball_box")
+    eps, kappa = float(tc.eps_train), float(tc.kappa_end)
     torch.manual_seed(0)
-    model = build_model("4c3f", cfg["model"]["activation"], (1, 28, 28), 10, cfg["model"]["theta_init"])
+    model = build_model("4c3f", cfg.model.activation, (1, 28, 28), 10, cfg.model.theta_init)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     x_train = torch.rand((samples, 1, 28, 28), generator=gen)
@@ -102,12 +104,8 @@ def child(batch_size: int, samples: int, threads: int) -> dict:
     for i in range(steps):
         idx = perm[i * batch_size:(i + 1) * batch_size]
         xb, yb = x_train[idx], y_train[idx]
-        loss, _ = robust_loss(model, xb, yb, eps, kappa, tc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        clamp_thresholds(model)
-        del loss, xb, yb, idx
+        train_step(model, opt, xb, yb, eps, kappa, tc)  # the stage's own step
+        del xb, yb, idx
         trace.append(_maxrss_mb())
         if i == 0:
             gc.collect()

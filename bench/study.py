@@ -27,12 +27,12 @@ from bench._common import WORK_DIR, git_commit, machine_info  # noqa: F401 (sys.
 STUDY_DIR = WORK_DIR / "study"
 
 
-def _certify_split(model, x, y, radii, cfg, guarantee_cfg: dict) -> Dict[str, float]:
-    from locallip.certify import certify_dataset
+def _certify_split(model, x, y, radii, settings) -> Dict[str, float]:
+    from locallip.stages.certify import certify_dataset
 
     out = {}
     for r in radii:
-        res = certify_dataset(model, x, y, float(r), guarantee_cfg, progress=False)
+        res = certify_dataset(model, x, y, float(r), settings, progress=False)
         s = res["summary"]
         out[repr(float(r))] = {"clean": s["clean_acc"], "local": s["certified_acc_local"],
                                "global": s["certified_acc_global"], "broken": s["attack"]["broken"]}
@@ -40,26 +40,29 @@ def _certify_split(model, x, y, radii, cfg, guarantee_cfg: dict) -> Dict[str, fl
 
 
 def run_one(tag: str, experiment: str, overrides: List[str], out: Path, threads: int) -> dict:
+
     import torch
 
-    from locallip.calibrate import run_calibrate
-    from locallip.checkpoints import load_model
-    from locallip.config import compose, stage_config
-    from locallip.data import load_splits, run_download, to_tensors
-    from locallip.train import run_train
+    from locallip.data.splits import load_splits, to_tensors
+    from locallip.pipeline.checkpoints import load_model
+    from locallip.pipeline.config import RunConfig, compose, stage_config
+    from locallip.stages.calibrate import run_calibrate
+    from locallip.stages.download import run_download
+    from locallip.stages.train import run_train
 
     torch.set_num_threads(threads)
-    cfg = compose(experiment, list(overrides) + ["train.progress=false"])
+    cfg = compose(experiment, list(overrides))
+    quiet = RunConfig(progress=False)
     run_dir = STUDY_DIR / tag
-    splits = STUDY_DIR / "data" / f"{cfg['dataset']['name']}-{cfg['dataset']['seed']}.npz"
+    splits = STUDY_DIR / "data" / f"{cfg.dataset.name}-{cfg.dataset.seed}.npz"
     if not splits.exists():
         run_download(stage_config(cfg, "download"), splits)
     t0 = time.perf_counter()
     metrics = run_train(stage_config(cfg, "train"), splits, run_dir / "model.pt", run_dir / "metrics.json",
-                        run_dir / "state" / "last.pt")
+                        run_dir / "state" / "last.pt", run=quiet)
     train_s = time.perf_counter() - t0
     cal = run_calibrate(stage_config(cfg, "calibrate"), splits, run_dir / "model.pt", run_dir / "calibrated.pt",
-                        run_dir / "calibration.json")
+                        run_dir / "calibration.json", run=quiet)
     model, _ = load_model(run_dir / "calibrated.pt")
     sp = load_splits(splits)
     radii = cfg["certify"]["radii"]
@@ -70,8 +73,8 @@ def run_one(tag: str, experiment: str, overrides: List[str], out: Path, threads:
     test = _certify_split(model, xt, yt, radii, cert, cert)
     last = metrics["epochs"][-1]
     row = {"tag": tag, "experiment": experiment, "overrides": list(overrides), "train_time_s": train_s,
-           "epochs": cfg["train"]["epochs"], "best_epoch": metrics["best_epoch"],
-           "bound": cfg["train"]["bound"], "loss": cfg["train"]["loss"],
+           "epochs": cfg.train.epochs, "best_epoch": metrics["best_epoch"],
+           "bound": str(cfg.train.bound), "loss": str(cfg.train.loss),
            "calibration_scales": cal.get("chosen_scales"),
            "last_epoch": {k: last.get(k) for k in ("fixed_per_layer", "fixed_per_layer_val",
                                                    "bound_ratio_layers_median", "bound_ratio_layers_worst",

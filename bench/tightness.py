@@ -23,27 +23,27 @@ import torch
 TARGET_LOCAL_OVER_EMPIRICAL = 1.5
 
 
-def measure(model, x, eps: float, cc: dict, samples: int, ascent_steps: int, chunk: int = 50) -> dict:
+def measure(model, x, eps: float, cc, samples: int, ascent_steps: int, chunk: int = 50) -> dict:
     from locallip.bounds import global_bound, local_bound
     from locallip.bounds.empirical import empirical_lipschitz, jacobian_norm
 
     g = global_bound(model, method="guaranteed")
-    gen = torch.Generator().manual_seed(int(cc["seed"]))
+    gen = torch.Generator().manual_seed(cc.seed)
     local, emp, conv, local0, jac0 = [], [], [], [], []
     t_local = t_emp = 0.0
     for s in range(0, x.shape[0], chunk):
         xb = x[s:s + chunk]
         t0 = time.perf_counter()
         with torch.no_grad():
-            lb = local_bound(model, xb, eps, max_iter=int(cc["max_iter"]), tol=float(cc["tol"]), init="random",
-                             generator=gen, work_dtype=torch.float32, method=cc["method"])
+            lb = local_bound(model, xb, eps, guarantee=str(cc.guarantee), max_iter=cc.max_iter, tol=cc.tol,
+                             generator=gen, work_dtype=torch.float32, method=str(cc.method))
         t1 = time.perf_counter()
         e = empirical_lipschitz(model, xb, eps, samples=samples, ascent_steps=ascent_steps,
                                 generator=torch.Generator().manual_seed(s))
         t2 = time.perf_counter()
         with torch.no_grad():  # decomposition: the same bound at radius 0 (masks of x only), and ||J(x)||
-            lb0 = local_bound(model, xb, 0.0, max_iter=int(cc["max_iter"]), tol=float(cc["tol"]), init="random",
-                              generator=gen, work_dtype=torch.float32, method=cc["method"])
+            lb0 = local_bound(model, xb, 0.0, guarantee=str(cc.guarantee), max_iter=cc.max_iter, tol=cc.tol,
+                              generator=gen, work_dtype=torch.float32, method=str(cc.method))
         local0.append(lb0.lipschitz)
         jac0.append(jacobian_norm(model, xb))
         t_local += t1 - t0
@@ -87,8 +87,8 @@ def main(argv=None) -> dict:
     steps = args.ascent_steps if args.ascent_steps is not None else (5 if args.quick else 20)
     info = machine_info()
     model, x_all, _, cfg, model_info = model_from_args(args)
-    tc = model_info.get("train") or cfg["train"]
-    cc = cfg["certify"]
+    tc = model_info.get("train") or {"eps": cfg.train.eps, "eps_train": cfg.train.eps_train}
+    cc = cfg.certify
     model = model.double().eval()
     x = x_all[:n].double()
     radii = {"eps_train": float(tc["eps_train"]), "eps": float(tc["eps"])}
@@ -104,7 +104,8 @@ def main(argv=None) -> dict:
             print("[tightness] WARNING: a local bound is below its empirical lower bound -- a soundness bug")
     main_r = out["eps_train"]
     data = {"quick": args.quick, "machine": info, "model": model_info, "n": n,
-            "certify_settings": {k: cc[k] for k in ("method", "tol", "max_iter")},
+            "certify_settings": {"guarantee": str(cc.guarantee), "method": str(cc.method), "tol": cc.tol,
+                                 "max_iter": cc.max_iter},
             "empirical_settings": {"samples": samples, "ascent_steps": steps},
             "training_radius": radii["eps_train"], "radii": out,
             "targets": {"local_over_empirical": {"target_max": TARGET_LOCAL_OVER_EMPIRICAL,

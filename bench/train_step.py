@@ -21,6 +21,7 @@ the library functions robust_loss calls) and a torch.profiler table of the top o
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import time
 from contextlib import contextmanager
 from typing import Callable, Dict, List
@@ -39,17 +40,18 @@ BATCH = 128
 TARGETS = {"local_over_plain": 3.0, "local_over_gloro": 1.5}
 
 
-def _setting_cfg(experiment: str) -> dict:
+def _setting_cfg(experiment: str):
     from bench._common import REPO
-    from locallip.config import compose
+    from locallip.pipeline.config import compose
 
     return compose(experiment, config_dir=REPO / "config")
 
 
-def make_step(model, cfg_train: dict | None, x_pool, y_pool, eps: float, kappa: float,
+def make_step(model, cfg_train, x_pool, y_pool, eps: float, kappa: float,
               phases: Dict[str, List[float]] | None = None) -> Callable[[], float]:
     """A closure running one training step on the next batch of the pool (cfg_train None = plain CE)."""
-    from locallip.train import clamp_thresholds, robust_loss
+    from locallip.nn.activations import clamp_thresholds
+    from locallip.stages.train import robust_loss
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     state = {"i": 0}
@@ -150,7 +152,7 @@ def breakdown(model, cfg_train, x_pool, y_pool, eps: float, steps: int) -> dict:
                     "ones are inside local_bound); backward is not split by region"}
 
 
-def operator_macs(model, cfg_train: dict | None, x, y, eps: float, kappa: float) -> dict:
+def operator_macs(model, cfg_train, x, y, eps: float, kappa: float) -> dict:
     """Multiply-adds of the layer operators in one step's forward (+ loss), counted per call.
 
     Counts every ``F.conv2d`` / ``F.conv_transpose2d`` / ``F.linear`` call (batch included),
@@ -161,7 +163,7 @@ def operator_macs(model, cfg_train: dict | None, x, y, eps: float, kappa: float)
     """
     import torch.nn.functional as F
 
-    from locallip.train import robust_loss
+    from locallip.stages.train import robust_loss
 
     counts = {"recorded": 0, "no_grad": 0}
     originals = {name: getattr(F, name) for name in ("conv2d", "conv_transpose2d", "linear")}
@@ -200,26 +202,26 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
     from locallip.nn.models import build_model
 
     cfg = _setting_cfg(setting["experiment"])
-    tc = dict(cfg["train"], batch_size=BATCH)
-    eps, kappa = float(tc["eps_train"]), float(tc["kappa_end"])
+    tc = replace(cfg.train, batch_size=BATCH)
+    eps, kappa = float(tc.eps_train), float(tc.kappa_end)
     torch.manual_seed(0)
-    ds = cfg["dataset"]
-    base = build_model(setting["arch"], cfg["model"]["activation"], setting["input_shape"], 10,
-                       cfg["model"]["theta_init"], ds.get("mean", []), ds.get("std", []))
+    ds = cfg.dataset
+    base = build_model(setting["arch"], cfg.model.activation, setting["input_shape"], 10,
+                       cfg.model.theta_init, ds.mean, ds.std)
     gen = torch.Generator().manual_seed(1)
     x_pool = [torch.rand((BATCH, *setting["input_shape"]), generator=gen) for _ in range(4)]
     y_pool = [torch.randint(0, 10, (BATCH,), generator=gen) for _ in range(4)]
     cfgs = {
         "plain": None,
-        "gloro": dict(tc, bound="global", loss="gloro"),
-        "local": dict(tc, bound="local", loss="bcp_mix", last_layer="ball_box"),
-        "local_ball": dict(tc, bound="local", loss="bcp_mix", last_layer="ball"),
+        "gloro": replace(tc, bound="global", loss="gloro"),
+        "local": replace(tc, bound="local", loss="bcp_mix", last_layer="ball_box"),
+        "local_ball": replace(tc, bound="local", loss="bcp_mix", last_layer="ball"),
     }
-    if tc["sparsity_weight"] > 0:
+    if tc.sparsity_weight > 0:
         # The sparsity loss is built from the interval bounds of every layer, so (like ball_box) it makes
         # the backward pass run through the whole interval chain; this variant shows what that costs.
-        cfgs["local_ball_nosparsity"] = dict(tc, bound="local", loss="bcp_mix", last_layer="ball",
-                                             sparsity_weight=0.0)
+        cfgs["local_ball_nosparsity"] = replace(tc, bound="local", loss="bcp_mix", last_layer="ball",
+                                                sparsity_weight=0.0)
     phases = {n: {"forward+loss": [], "backward": [], "optimizer": []} for n in cfgs}
     steps = {n: make_step(copy.deepcopy(base), c, x_pool, y_pool, eps, kappa, phases[n]) for n, c in cfgs.items()}
     print(f"[train_step] {setting['name']}: {rounds} rounds x {per_round} steps per variant "
@@ -227,10 +229,11 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
     times = interleaved(steps, rounds=rounds, per_round=per_round, warmup=2)
     out = {
         "setting": setting["name"], "arch": setting["arch"], "input_shape": list(setting["input_shape"]),
-        "batch_size": BATCH, "eps": eps, "kappa": kappa, "activation": cfg["model"]["activation"],
+        "batch_size": BATCH, "eps": eps, "kappa": kappa, "activation": str(cfg.model.activation),
         "train_config_from": f"experiment {setting['experiment']} (batch_size={BATCH}); "
                              f"variants override bound/loss/last_layer",
-        "power_iters": tc["power_iters"], "sparsity_weight": tc["sparsity_weight"],
+        "local_solver": str(tc.local_solver), "local_steps": tc.local_steps, "power_iters": tc.power_iters,
+        "sparsity_weight": tc.sparsity_weight,
         "step_s": {n: spread(t) for n, t in times.items()},
         "phase_s": {n: {k: spread(v[2:]) for k, v in ph.items()} for n, ph in phases.items()},  # after warm-up
         "ratios": {

@@ -36,8 +36,8 @@ SMOKE_BASELINE = "smoke_gloro"
 SMOKE_REPORT = f"results/{SMOKE}/report.md"
 #: Applied to the smoke run of the tests (through the Snakemake config, like a user would):
 #: fewer power iterations, so the tiny pipeline spends its time on orchestration, not math.
-SPEED_OVERRIDES = ["train.val_max_iter=20", "calibrate.max_iter=50", "certify.max_iter=50",
-                   "certify.attack.restarts=1"]
+SPEED_OVERRIDES = ["train.val_max_iter=20", "train.diagnostics_size=32", "calibrate.max_iter=50",
+                   "certify.max_iter=50", "certify.attack.restarts=1", "certify.curve_tol=0.2"]
 
 
 # --------------------------------------------------------------------------- project copies
@@ -99,8 +99,9 @@ def dvc(project: Path, *args: str, check: bool = True, timeout: float = 900) -> 
     return run([str(VENV_BIN / "dvc"), *args], cwd=project, check=check, timeout=timeout)
 
 
-def orchestrate(project: Path, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "locallip.orchestrate", *args], cwd=project, check=check, timeout=timeout)
+def dvc_pipeline(project: Path, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python workflow/scripts/dvc_pipeline.py ARGS`` in the project copy."""
+    return run([sys.executable, "workflow/scripts/dvc_pipeline.py", *args], cwd=project, check=check, timeout=timeout)
 
 
 def git(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -108,15 +109,15 @@ def git(project: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
                 "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false", *args], cwd=project, check=check)
 
 
-def smoke_cfg(name: str = SMOKE, overrides: Iterable[str] = ()) -> dict:
-    """The composed configuration of a smoke experiment as the tests run it."""
-    from locallip.config import compose
+def smoke_cfg(name: str = SMOKE, overrides: Iterable[str] = ()):
+    """The composed configuration (a ``Config``) of a smoke experiment as the tests run it."""
+    from locallip.pipeline.config import compose
 
     return compose(name, [*SPEED_OVERRIDES, *overrides], config_dir=REPO / "config")
 
 
 def smoke_radii(name: str = SMOKE) -> List[float]:
-    return [float(r) for r in smoke_cfg(name)["certify"]["radii"]]
+    return [float(r) for r in smoke_cfg(name).certify.radii]
 
 
 def new_radius() -> float:
@@ -131,7 +132,7 @@ def radii_override(radii: Iterable[float]) -> str:
 
 def use_smoke_config(project: Path) -> None:
     """Make the smoke experiment (with SPEED_OVERRIDES) the copy's default Snakemake config,
-    so plain `snakemake` / `python -m locallip.orchestrate dvc` in the copy mean the smoke run."""
+    so plain `snakemake` / `python workflow/scripts/dvc_pipeline.py dvc` in the copy mean the smoke run."""
     import yaml
 
     cfg = {"experiments": [SMOKE], "overrides": list(SPEED_OVERRIDES), "experiment_overrides": {}}

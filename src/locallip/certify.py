@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def local_guarantee(level: str, *, tol: float = 1e-4, max_iter: int = 2000, meth
             f"guaranteed global ones, and points whose iteration did not converge use the global certificate")
 
 
-def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, bound: str = "local", *,
+def certify(model: nn.Module, x: Tensor, y: Tensor, eps: Union[float, Tensor], bound: str = "local", *,
             guarantee: str = "probabilistic", delta: float = 1e-9, inflation: float = 0.01,
             steps: Optional[int] = None, max_iter: int = 2000, tol: float = 1e-4, last_layer: str = "ball_box",
             generator: Optional[torch.Generator] = None, global_result: Optional[GlobalBound] = None,
@@ -80,8 +80,11 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, bound: str = "lo
     """
     if bound not in ("local", "global"):
         raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if isinstance(eps, Tensor):  # one radius per sample
+        if eps.shape != (x.shape[0],) or not bool(torch.isfinite(eps).all()) or bool((eps < 0).any()):
+            raise ValueError(f"a per-sample eps must be finite, >= 0 and of shape ({x.shape[0]},)")
+    elif not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0 (or one per sample), got {eps!r}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"labels of shape {tuple(y.shape)} do not match a batch of {x.shape[0]}")
     was_training = model.training
@@ -140,43 +143,71 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float, bound: str, *, 
 
 
 def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *, guarantee: str = "probabilistic",
-                     max_radius: float = 10.0, tol: float = 1e-3, bisection_steps: int = 30,
+                     max_radius: float = 10.0, rtol: float = 0.02, max_steps: int = 20,
                      generator: Optional[torch.Generator] = None, **kw) -> Tensor:
-    """[B] the largest radius each point is certified at (0 where it is not certified at all).
+    """[B] the largest radius at which each point is certified (0 where it is not certified at all).
 
-    Bisection on the local-bound certificate at ``guarantee``: the masks depend on the
-    radius, so certification is not exactly monotone in it; the result is a radius
-    at which the point *is* certified (checked), found by bisection between a
-    certified and an uncertified radius, to a relative width ``tol``. With ``y``,
-    misclassified points get 0. ``kw`` goes to ``certify``.
+    A root search on the worst-case margin w(r) of the local-bound certificate at
+    ``guarantee`` (decreasing in r): regula falsi with the Illinois modification,
+    keeping a bracket [lo, hi] with w(lo) > 0 (certified) and w(hi) <= 0, until
+    hi - lo <= rtol * hi; it needs a few evaluations per point where bisection needs
+    many. The masks depend on the radius, so certification need not be exactly
+    monotone in it: the result is a radius at which the point *was* certified. With
+    ``y``, misclassified points get 0; points certified at ``max_radius`` get it.
+    ``kw`` goes to ``certify``.
     """
     if not (isinstance(max_radius, (int, float)) and math.isfinite(max_radius) and max_radius > 0):
         raise ValueError(f"max_radius must be a finite number > 0, got {max_radius!r}")
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    n = x.shape[0]
     with torch.no_grad():
-        pred = model.eval()(x).argmax(dim=1)
+        logits = model.eval()(x)
+    pred = logits.argmax(dim=1)
     labels = pred if y is None else y
-    lo = torch.zeros(x.shape[0], dtype=torch.float64)
-    hi = torch.full((x.shape[0],), float(max_radius), dtype=torch.float64)
-    ok_hi = _certified_at(model, x, labels, hi, guarantee, generator, kw)
-    lo = torch.where(ok_hi, hi, lo)
-    open_ = ~ok_hi
-    for _ in range(bisection_steps):
-        if not bool(open_.any()) or bool(((hi - lo)[open_] <= tol * hi[open_]).all()):
-            break
+    top2 = logits.topk(2, dim=1).values if logits.shape[1] > 1 else torch.cat([logits, logits - 1], 1)
+    lo = torch.zeros(n, dtype=torch.float64)
+    w_lo = (top2[:, 0] - top2[:, 1]).double().cpu()  # w(0): the clean margin
+    hi = torch.full((n,), float(max_radius), dtype=torch.float64)
+    w_hi = torch.full((n,), float("nan"), dtype=torch.float64)
+    open_ = ((pred == labels) & (w_lo > 0)).cpu()
+    # First: the top of the range.
+    idx = open_.nonzero().squeeze(1)
+    if idx.numel():
+        w = _worst_margin_at(model, x, labels, idx, hi[idx], guarantee, generator, kw)
+        ok = w > 0
+        lo[idx[ok]] = hi[idx[ok]]
+        open_[idx[ok]] = False
+        w_hi[idx[~ok]] = w[~ok]
+    side = torch.zeros(n, dtype=torch.int8)  # Illinois: which end was kept last time
+    for _ in range(max_steps):
+        open_ &= (hi - lo) > rtol * hi
         idx = open_.nonzero().squeeze(1)
-        mid = (lo[idx] + hi[idx]) / 2
-        ok = _certified_at(model, x[idx], labels[idx], mid, guarantee, generator, kw)
-        lo[idx] = torch.where(ok, mid, lo[idx])
-        hi[idx] = torch.where(ok, hi[idx], mid)
-    correct = pred == labels
-    return torch.where(correct.cpu(), lo, torch.zeros_like(lo))
+        if not idx.numel():
+            break
+        a, b, wa, wb = lo[idx], hi[idx], w_lo[idx], w_hi[idx]
+        t = wa / (wa - wb)  # secant root of the line through (a, w(a)) and (b, w(b))
+        t = torch.where(torch.isfinite(t), t, torch.full_like(t, 0.5)).clamp(0.05, 0.95)
+        r = a + t * (b - a)
+        w = _worst_margin_at(model, x, labels, idx, r, guarantee, generator, kw)
+        ok = w > 0
+        up, down = idx[ok], idx[~ok]
+        lo[up], w_lo[up] = r[ok], w[ok]
+        hi[down], w_hi[down] = r[~ok], w[~ok]
+        # Illinois: when the same end is kept twice in a row, halve its stored margin so the
+        # secant step moves it (regula falsi would otherwise crawl).
+        w_hi[up[side[up] == 1]] /= 2
+        w_lo[down[side[down] == -1]] /= 2
+        side[up], side[down] = 1, -1
+    return torch.where((pred == labels).cpu(), lo, torch.zeros_like(lo))
 
 
-def _certified_at(model, x, y, radii: Tensor, guarantee, generator, kw) -> Tensor:
-    """Per point, certified at its own radius (points grouped by equal radius)."""
-    out = torch.zeros(x.shape[0], dtype=torch.bool)
-    for r in torch.unique(radii):
-        idx = (radii == r).nonzero().squeeze(1)
-        c = certify(model, x[idx], y[idx], float(r), "local", guarantee=guarantee, generator=generator, **kw)
-        out[idx] = c.certified.cpu()
+def _worst_margin_at(model, x, y, idx: Tensor, radii: Tensor, guarantee, generator, kw) -> Tensor:
+    """Worst-case margin of the local certificate of points ``idx``, each at its own radius."""
+    out = torch.empty(idx.numel(), dtype=torch.float64)
+    eps = radii.to(x.dtype).to(x.device)
+    rows = idx.to(x.device)
+    # One call for the whole set: the local bound takes a radius per sample.
+    c = certify(model, x[rows], y[rows], eps, "local", guarantee=guarantee, generator=generator, **kw)
+    out[:] = torch.where(c.correct, c.worst_margin, torch.full_like(c.worst_margin, -1.0)).double().cpu()
     return out

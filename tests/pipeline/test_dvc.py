@@ -16,15 +16,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from locallip import orchestrate, paths
-from locallip.config import compose, radius_tag, stage_config
+import sys
+
+from locallip.pipeline import dag
+from locallip.pipeline import layout as paths
+from locallip.pipeline.config import compose, plain, radius_tag, stage_config
 
 from pipeline_helpers import (REPO, SMOKE, SMOKE_BASELINE, SPEED_OVERRIDES, clone_project, copy_project, dvc,
-                              git, job_keys, mtimes, new_radius, orchestrate as run_orchestrate, outputs_of,
+                              dvc_pipeline as run_orchestrate, git, job_keys, mtimes, new_radius, outputs_of,
                               planned_jobs, radii_override, smoke_cfg, smoke_config, smoke_project, smoke_radii,
                               snakemake)
 
-STAGES = ("download", "train", "calibrate", "certify", "report")
+sys.path.insert(0, str(REPO / "workflow" / "scripts"))
+import dvc_pipeline as orchestrate  # noqa: E402  (the DVC generator, outside the installed package)
+
+STAGES = ("download", "train", "calibrate", "certify", "radii", "report")
+META = orchestrate.META_KEY
 RUNNING = re.compile(r"Running stage '([^']+)'")
 
 
@@ -59,7 +66,8 @@ def params_doc() -> dict:
 def test_committed_dvc_files_match_the_composition(tmp_path):
     project = copy_project(tmp_path / "p")
     p = run_orchestrate(project, "dvc", "--check", check=False)
-    assert p.returncode == 0, "dvc.yaml/params.yaml are stale: run `python -m locallip.orchestrate dvc`\n" + p.stderr
+    assert p.returncode == 0, ("dvc.yaml/params.yaml are stale: run `python workflow/scripts/dvc_pipeline.py dvc`\n"
+                               + p.stderr)
     # and the check does notice a stale file
     doc = yaml.safe_load((project / "params.yaml").read_text())
     doc["mnist5k"]["train"]["train"]["epochs"] += 1  # as if config/ had changed since
@@ -68,40 +76,39 @@ def test_committed_dvc_files_match_the_composition(tmp_path):
 
 
 def test_dvc_stages_mirror_the_pipeline(dvc_doc, params_doc):
-    cfgs = orchestrate.compose_all(params_doc["_orchestrate"]["overrides"],
-                                   params_doc["_orchestrate"]["experiment_overrides"])
-    names = orchestrate.with_baselines(params_doc["_orchestrate"]["experiments"], cfgs)
+    cfgs = dag.compose_all(params_doc[META]["overrides"], params_doc[META]["experiment_overrides"])
+    names = dag.with_baselines(params_doc[META]["experiments"], cfgs)
     assert names[0] == "mnist5k" and "mnist5k_gloro" in names
     stages = dvc_doc["stages"]
-    radii = orchestrate.certify_radii(cfgs, names)
+    radii = dag.certify_radii(cfgs, names)
     expected = set()
     for n in names:
-        expected |= {f"{s}-{n}" for s in ("download", "train", "calibrate", "report")}
-        expected |= {orchestrate.dvc_stage_name("certify", n, r) for r in radii[n]}
+        expected |= {f"{s}-{n}" for s in ("download", "train", "calibrate", "radii", "report")}
+        expected |= {orchestrate.stage_name("certify", n, r) for r in radii[n]}
     assert set(stages) == expected
     for n in names:
         dl, tr, ca, re_ = (stages[f"{s}-{n}"] for s in ("download", "train", "calibrate", "report"))
         for s, st in zip(("download", "train", "calibrate", "report"), (dl, tr, ca, re_)):
             assert st["cmd"].startswith(f"locallip {s} --cfg-file params.yaml --cfg-key {n}.{s} ")
             assert st["params"] == [f"{n}.{s}"]
-            assert set(orchestrate.code_deps(s)) <= set(st["deps"])
+            assert set(dag.code_deps(s)) <= set(st["deps"])
         # data and checkpoints are versioned (cached outs); metrics declared
         assert dl["outs"] == [str(paths.splits(n))]
         assert tr["outs"] == [str(paths.model(n))] and tr["metrics"] == [str(paths.train_metrics(n))]
         assert ca["outs"] == [str(paths.calibrated_model(n))] and ca["metrics"] == [str(paths.calibration(n))]
         assert str(paths.train_state(n)) in tr["cmd"] and str(paths.train_state(n)) not in json.dumps(tr["outs"])
         for r in radii[n]:
-            ce = stages[orchestrate.dvc_stage_name("certify", n, r)]
+            ce = stages[orchestrate.stage_name("certify", n, r)]
             assert f"--radius {radius_tag(r)} " in ce["cmd"]
             assert ce["metrics"] == [str(paths.certificate(n, r))]
             assert ce["outs"] == [str(paths.certificate_table(n, r))]
             assert ce["params"] == [f"{n}.certify"]  # shared by every radius: a new radius reruns no other
         assert re_["outs"] == [str(paths.report(n))]
-        assert len(re_["plots"]) == 2
-        b = cfgs[n]["report"]["baseline"]
+        assert len(re_["plots"]) == 3
+        b = cfgs[n].report.baseline
         if b:
             assert f"--baseline-dir {paths.experiment_dir(b)}" in re_["cmd"]
-            for r in cfgs[n]["certify"]["radii"]:
+            for r in cfgs[n].certify.radii:
                 assert str(paths.certificate(b, r)) in re_["deps"]
     plot_ids = [next(iter(p)) for p in dvc_doc["plots"]]
     assert "training-mnist5k" in plot_ids
@@ -142,18 +149,18 @@ def test_dvc_runs_the_same_commands_as_snakemake(tmp_path, dvc_doc):
 
 
 def test_params_are_exactly_what_snakemake_jobs_receive(params_doc):
-    meta = params_doc["_orchestrate"]
+    meta = params_doc[META]
+    cfgs = dag.compose_all(meta["overrides"], meta["experiment_overrides"])
     for n, blocks in params_doc.items():
-        if n == "_orchestrate":
+        if n == META:
             continue
-        cfg = compose(n, meta["overrides"] + meta["experiment_overrides"].get(n, []))
         for stage in STAGES:
-            if stage == "certify":
-                for r in cfg["certify"]["radii"]:
-                    assert dict(blocks[stage], radius=float(r)) == json.loads(orchestrate.stage_json(cfg, stage, r))
-            else:
-                assert blocks[stage] == json.loads(orchestrate.stage_json(cfg, stage))
-                assert blocks[stage] == stage_config(cfg, stage)
+            radii = cfgs[n].certify.radii if stage == "certify" else [None]
+            for r in radii:
+                job = dag.job(cfgs, n, stage, r)
+                sent = json.loads(dag.command(job, "json")[3])  # what a Snakemake job gets
+                assert sent == job.params == plain(stage_config(cfgs[n], stage, r))
+                assert (dict(blocks[stage], radius=float(r)) if r is not None else blocks[stage]) == sent
 
 
 def test_default_remote_is_local():
@@ -165,7 +172,7 @@ def test_default_remote_is_local():
     assert "://" not in url and (url.startswith("~") or url.startswith("/") or url.startswith(".")), url
 
 
-def test_orchestrate_refuses_to_record_unfinished_work(tmp_path):
+def test_dvc_pipeline_refuses_to_record_unfinished_work(tmp_path):
     project = copy_project(tmp_path / "p")
     init_git_dvc(project, tmp_path / "remote")
     p = run_orchestrate(project, "commit", "-e", SMOKE, check=False)
@@ -182,8 +189,7 @@ def test_dag_connects_the_stages(tmp_path):
     init_git_dvc(project, tmp_path / "remote")
     dot = dvc(project, "dag", "--dot").stdout
     edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
-    from locallip.config import compose, radius_tag
-    r = radius_tag(compose("mnist5k")["certify"]["radii"][-1]).replace(".", "_")
+    r = radius_tag(compose("mnist5k").certify.radii[-1]).replace(".", "_")
     for a, b in [("download-mnist5k", "train-mnist5k"), ("train-mnist5k", "calibrate-mnist5k"),
                  ("calibrate-mnist5k", f"certify-mnist5k-{r}"), (f"certify-mnist5k-{r}", "report-mnist5k"),
                  (f"certify-mnist5k_gloro-{r}", "report-mnist5k"), ("train-mnist5k_gloro", "report-mnist5k")]:
@@ -195,7 +201,7 @@ def test_dag_connects_the_stages(tmp_path):
 
 @pytest.fixture(scope="module")
 def dvc_repo(tmp_path_factory) -> Path:
-    """The smoke project after `snakemake`, then `python -m locallip.orchestrate commit`:
+    """The smoke project after `snakemake`, then `python workflow/scripts/dvc_pipeline.py commit`:
     Snakemake's outputs recorded in dvc.lock (and in the DVC cache)."""
     base = tmp_path_factory.mktemp("dvc")
     project = clone_project(smoke_project(tmp_path_factory), base / "project")
@@ -220,7 +226,7 @@ def test_lock_records_the_snakemake_outputs(dvc_repo):
     st = lock["stages"][f"train-{SMOKE}"]
     model = next(o for o in st["outs"] if o["path"] == str(paths.model(SMOKE)))
     assert model["md5"] == md5(dvc_repo / paths.model(SMOKE))
-    assert st["params"]["params.yaml"][f"{SMOKE}.train"] == orchestrate.stage_params(smoke_cfg(), "train")
+    assert st["params"]["params.yaml"][f"{SMOKE}.train"] == dag.params_block(smoke_cfg(), "train")
 
 
 def test_metrics_and_plots(dvc_repo, tmp_path):
@@ -244,8 +250,8 @@ def test_new_radius_in_dvc_then_snakemake_has_nothing_to_do(dvc_repo, tmp_path):
     (project / "radius.yaml").write_text(yaml.safe_dump(settings))
     run_orchestrate(project, "dvc", "--configfile", "radius.yaml")
     out = dvc(project, "repro").stdout
-    assert ran_stages(out) == sorted([orchestrate.dvc_stage_name("certify", SMOKE, r),
-                                      orchestrate.dvc_stage_name("certify", SMOKE_BASELINE, r), f"report-{SMOKE}"])
+    assert ran_stages(out) == sorted([orchestrate.stage_name("certify", SMOKE, r),
+                                      orchestrate.stage_name("certify", SMOKE_BASELINE, r), f"report-{SMOKE}"])
     assert mtimes([project / paths.model(SMOKE), project / paths.model(SMOKE_BASELINE)]) == trained
     made = {str(f): md5(f) for f in outputs_of(project, SMOKE) + outputs_of(project, SMOKE_BASELINE)}
     assert str(project / paths.certificate(SMOKE, r)) in made

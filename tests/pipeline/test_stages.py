@@ -1,36 +1,46 @@
-"""The train / calibrate / certify stages, called as library functions and through the CLI."""
+"""The train / calibrate / certify stages, called as library functions and through the CLI.
+
+They work on the session's one smoke run (``pipeline_helpers.smoke_project``: the smoke
+experiment trained once, by Snakemake), copied into a scratch directory.
+"""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from locallip import cli
-from locallip.calibrate import run_calibrate, threshold_layers
-from locallip.certify import certify, run_certify
-from locallip.checkpoints import load_model, save_model
-from locallip.config import compose, stage_config
-from locallip.data import load_splits, run_download, save_splits, to_tensors
-from locallip.io import CheckpointError
-from locallip.train import run_train
+from locallip.certify import certify
+from locallip.data.splits import load_splits, save_splits, to_tensors
+from locallip.pipeline import cli
+from locallip.pipeline.checkpoints import CheckpointError, load_model, save_model
+from locallip.pipeline.config import RunConfig, compose, plain, stage_config
+from locallip.stages.calibrate import run_calibrate, threshold_layers
+from locallip.stages.certify import run_certify
+from locallip.stages.train import run_train
+
+from pipeline_helpers import SMOKE, smoke_cfg, smoke_project
 
 REPO = Path(__file__).resolve().parents[2]
+QUIET = RunConfig(progress=False)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The smoke experiment's splits and trained model (mnist5k digits, 3 epochs)."""
-    d = tmp_path_factory.mktemp("smoke")
-    cfg = compose("smoke", config_dir=REPO / "config")
-    run_download(stage_config(cfg, "download"), d / "splits.npz")
-    summary = run_train(stage_config(cfg, "train"), data=d / "splits.npz", out=d / "model.pt",
-                        metrics=d / "metrics.json", state=d / "state" / "last.pt")
-    return {"dir": d, "cfg": cfg, "summary": summary}
+    """The smoke experiment's splits, trained model and metrics (from the session's smoke run)."""
+    src = smoke_project(tmp_path_factory) / "results" / SMOKE
+    d = tmp_path_factory.mktemp("smoke-stages")
+    shutil.copy(src / "data" / "splits.npz", d / "splits.npz")
+    shutil.copy(src / "train" / "model.pt", d / "model.pt")
+    shutil.copy(src / "train" / "metrics.json", d / "metrics.json")
+    summary = json.loads((d / "metrics.json").read_text())
+    return {"dir": d, "cfg": smoke_cfg(), "summary": summary}
 
 
 def _weights(path):
@@ -49,13 +59,19 @@ def test_training_learns_and_picks_best_by_validation(smoke):
     assert best["val_clean_acc"] > 0.5  # far above chance (0.1): the model learned something
     _, ck = load_model(smoke["dir"] / "model.pt")
     assert ck["epoch"] == s["best_epoch"] and ck["train"]["bound"] == "local"
+    # per epoch: fixed neurons per layer and the training / converged bound ratio (diagnostics)
+    last = metrics["epochs"][-1]
+    assert len(last["fixed_per_layer"]) == 3 and len(last["bound_ratio_layers_median"]) == 3
+    assert 0.5 < last["bound_ratio_median"] <= 1.0 + 1e-6
 
 
 def test_resume_after_kill_matches_uninterrupted_run(smoke, tmp_path, monkeypatch):
-    import locallip.train as train_mod
+    import locallip.stages.train as train_mod
 
     cfg = stage_config(smoke["cfg"], "train")
     data = smoke["dir"] / "splits.npz"
+    ref = tmp_path / "uninterrupted"  # same process, same threads: comparable bit for bit
+    run_train(cfg, data=data, out=ref / "model.pt", metrics=ref / "m.json", state=ref / "state" / "last.pt", run=QUIET)
     calls = {"n": 0}
     real = train_mod.evaluate
 
@@ -68,15 +84,15 @@ def test_resume_after_kill_matches_uninterrupted_run(smoke, tmp_path, monkeypatc
     monkeypatch.setattr(train_mod, "evaluate", killed_after_first_validation)
     with pytest.raises(KeyboardInterrupt):
         run_train(cfg, data=data, out=tmp_path / "model.pt", metrics=tmp_path / "m.json",
-                  state=tmp_path / "state" / "last.pt")
+                  state=tmp_path / "state" / "last.pt", run=QUIET)
     assert not (tmp_path / "model.pt").exists()
     state = torch.load(tmp_path / "state" / "last.pt", weights_only=True)
     assert state["epoch"] == 1  # 0-based: two epochs done
     monkeypatch.setattr(train_mod, "evaluate", real)
     resumed = run_train(cfg, data=data, out=tmp_path / "model.pt", metrics=tmp_path / "m.json",
-                        state=tmp_path / "state" / "last.pt")
+                        state=tmp_path / "state" / "last.pt", run=QUIET)
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3]
-    a, b = _weights(tmp_path / "model.pt"), _weights(smoke["dir"] / "model.pt")
+    a, b = _weights(tmp_path / "model.pt"), _weights(ref / "model.pt")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"resumed run differs from the uninterrupted one in {k}"
@@ -113,18 +129,18 @@ def test_checkpoints_load_without_running_pickled_code(smoke, tmp_path):
 
 def _certify_cfg(smoke, radius, **attack):
     cfg = stage_config(smoke["cfg"], "certify", radius)
-    cfg["certify"] = dict(cfg["certify"], progress=False)
     if attack:
-        cfg["certify"]["attack"] = dict(cfg["certify"]["attack"], **attack)
+        cfg = dataclasses.replace(cfg, certify=dataclasses.replace(
+            cfg.certify, attack=dataclasses.replace(cfg.certify.attack, **attack)))
     return cfg
 
 
 def test_certify_stage_outputs_and_strong_attack_breaks_nothing(smoke, tmp_path):
     # Acceptance: a model trained for a few epochs on mnist5k; l2 PGD with 50 steps and
     # 5 restarts at eps breaks none of the certified test points.
-    radius = smoke["cfg"]["train"]["eps"]
+    radius = smoke["cfg"].train.eps
     s = run_certify(_certify_cfg(smoke, radius, steps=50, restarts=5), data=smoke["dir"] / "splits.npz",
-                    model=smoke["dir"] / "model.pt", out=tmp_path / "c.json", table=tmp_path / "c.csv")
+                    model=smoke["dir"] / "model.pt", out=tmp_path / "c.json", table=tmp_path / "c.csv", run=QUIET)
     assert s["attack"]["steps"] == 50 and s["attack"]["restarts"] == 5
     assert s["attack"]["checked"] > 10, "too few certified points for the audit to mean anything"
     assert s["attack"]["broken"] == 0
@@ -149,9 +165,9 @@ def test_calibration_uses_only_the_calibration_split(smoke, tmp_path):
     first = run_calibrate(cfg, data=data, model=smoke["dir"] / "model.pt", out=tmp_path / "a.pt",
                           summary=tmp_path / "a.json")
     assert first["applicable"] and first["chosen_scales"]
-    assert all(s in cfg["calibrate"]["scales"] + [1.0] for s in first["chosen_scales"])
+    assert all(s in cfg.calibrate.scales + [1.0] for s in first["chosen_scales"])
     assert first["after"]["certified_acc"] >= first["before"]["certified_acc"]
-    assert first["after"]["clean_acc"] >= first["before"]["clean_acc"] - cfg["calibrate"]["max_clean_drop"]
+    assert first["after"]["clean_acc"] >= first["before"]["clean_acc"] - cfg.calibrate.max_clean_drop
     # Scrambling the test split changes nothing: calibration never looks at it.
     splits = load_splits(data)
     splits.test_x = np.random.default_rng(1).integers(0, 256, splits.test_x.shape, dtype=np.uint8)
@@ -182,7 +198,7 @@ def test_gloro_training_path(smoke, tmp_path):
     cfg = stage_config(compose("smoke_gloro", ["train.epochs=2", "train.ramp_epochs=1"],
                                config_dir=REPO / "config"), "train")
     s = run_train(cfg, data=smoke["dir"] / "splits.npz", out=tmp_path / "g.pt", metrics=tmp_path / "g.json",
-                  state=tmp_path / "state" / "last.pt")
+                  state=tmp_path / "state" / "last.pt", run=QUIET)
     assert s["bound"] == "global" and s["loss"] == "gloro"
     assert s["epochs"][-1]["val_clean_acc"] > 0.3
     model, _ = load_model(tmp_path / "g.pt")
@@ -201,8 +217,8 @@ def _run_cli(args, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["download", "experiment=smoke", "dataset.name=cifar100"], "unknown dataset 'cifar100'"),
-    (["train", "experiment=smoke", "train.epochz=3"], "train.epochz"),
+    (["download", "experiment=smoke", "dataset.name=cifar100"], "'cifar100', expected one of"),
+    (["train", "experiment=smoke", "train.epochz=3"], "epochz"),
     (["train", "experiment=smoke", "train.epochs=many"], "train.epochs"),
     (["config", "experiment=nosuch"], "unknown experiment 'nosuch'"),
 ])
@@ -226,7 +242,7 @@ def test_cli_missing_or_corrupt_checkpoint_keeps_existing_outputs(smoke, tmp_pat
     out, table = tmp_path / "c.json", tmp_path / "c.csv"
     out.write_text('{"good": true}\n')
     table.write_text("good\n")
-    cfg = json.dumps(_certify_cfg(smoke, 0.1))
+    cfg = json.dumps(plain(_certify_cfg(smoke, 0.1)))
     rc, err = _run_cli(["certify", "--cfg-json", cfg, "--data", str(smoke["dir"] / "splits.npz"),
                         "--model", str(tmp_path / "nope.pt"), "--out", str(out), "--table", str(table)], capsys)
     assert rc == 2 and "nope.pt" in err and "not found" in err
@@ -242,7 +258,7 @@ def test_cli_wrong_input_shape_is_reported(smoke, tmp_path, capsys, monkeypatch)
     monkeypatch.chdir(REPO)
     from locallip.nn.models import build_model
     save_model(tmp_path / "cifar.pt", build_model("2c2f", "relu", (3, 32, 32), 10))
-    rc, err = _run_cli(["certify", "--cfg-json", json.dumps(_certify_cfg(smoke, 0.1)),
+    rc, err = _run_cli(["certify", "--cfg-json", json.dumps(plain(_certify_cfg(smoke, 0.1))),
                         "--data", str(smoke["dir"] / "splits.npz"), "--model", str(tmp_path / "cifar.pt"),
                         "--out", str(tmp_path / "c.json"), "--table", str(tmp_path / "c.csv")], capsys)
     assert rc == 2 and "(1, 28, 28)" in err and not (tmp_path / "c.json").exists()
@@ -250,15 +266,15 @@ def test_cli_wrong_input_shape_is_reported(smoke, tmp_path, capsys, monkeypatch)
 
 def test_a_broken_certificate_fails_the_stage_loudly(smoke, tmp_path, capsys, monkeypatch):
     """If the audit attack ever breaks a certified point, certify exits non-zero and writes no result."""
-    import locallip.attack as attack_mod
+    import locallip.stages.certify as certify_stage
 
     def always_breaks(model, x, y, eps, **kw):
         return torch.full((x.shape[0],), -1.0, dtype=x.dtype)
 
-    monkeypatch.setattr(attack_mod, "pgd_l2", always_breaks)
+    monkeypatch.setattr(certify_stage, "pgd_l2", always_breaks)
     monkeypatch.chdir(REPO)
     out = tmp_path / "c.json"
-    rc, err = _run_cli(["certify", "--cfg-json", json.dumps(_certify_cfg(smoke, 0.1)),
+    rc, err = _run_cli(["certify", "--cfg-json", json.dumps(plain(_certify_cfg(smoke, 0.1))),
                         "--data", str(smoke["dir"] / "splits.npz"), "--model", str(smoke["dir"] / "model.pt"),
                         "--out", str(out), "--table", str(tmp_path / "c.csv")], capsys)
     assert rc == 3 and "AUDIT FAILED" in err

@@ -15,15 +15,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from locallip import orchestrate, paths
-from locallip.config import compose, experiment_names, radius_tag, stage_config
+from locallip.pipeline import dag
+from locallip.pipeline import layout as paths
+from locallip.pipeline.config import compose, experiment_names, plain, radius_tag, stage_config
 
 from pipeline_helpers import (REPO, SMOKE, SMOKE_BASELINE, SPEED_OVERRIDES, clone_project, copy_project,
                               inspect_workflow, job_keys, mtimes, new_radius, outputs_of, planned_jobs,
                               radii_override, smoke_config, smoke_project, smoke_radii, snakemake, touch_later)
 
-STAGES = ("download", "train", "calibrate", "certify", "report")
-GPU_RULES = ("train", "calibrate", "certify")
+STAGES = ("download", "train", "calibrate", "certify", "radii", "report")
+RULE_FILES = STAGES
+GPU_RULES = ("train", "calibrate", "certify", "radii")
 LOCAL_RULES = ("download", "report")
 
 
@@ -48,11 +50,11 @@ def smoke(tmp_path_factory) -> Path:
 
 def expected_jobs(cfgs: dict, names, radii_of=None):
     """(rule, experiment[, radius]) of every job needed for the reports of ``names`` from scratch."""
-    names = orchestrate.with_baselines(names, cfgs)
-    radii = orchestrate.certify_radii(cfgs, names)
+    names = dag.with_baselines(names, cfgs)
+    radii = dag.certify_radii(cfgs, names)
     keys = []
     for n in names:
-        keys += [("download", n), ("train", n), ("calibrate", n), ("report", n)]
+        keys += [("download", n), ("train", n), ("calibrate", n), ("radii", n), ("report", n)]
         keys += [("certify", n, radius_tag(r)) for r in radii[n]]
     return sorted(keys)
 
@@ -64,7 +66,7 @@ def test_standard_layout_and_thin_entry_point():
     code = [ln for ln in top.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert code[0] == 'include: "workflow/Snakefile"'
     assert "shell:" not in top and "locallip" not in top  # no stage logic at the top level
-    for stage in STAGES + ("common",):
+    for stage in RULE_FILES + ("common",):
         assert (REPO / "workflow" / "rules" / f"{stage}.smk").is_file()
     main = (REPO / "workflow" / "Snakefile").read_text()
     for stage in STAGES + ("common",):
@@ -92,27 +94,33 @@ def test_profile_and_workflow_snakefile(project):
 
 
 def test_rules_only_call_the_cli(rules):
+    """A rule's shell is the command the dag gives (tracked as a param) plus threads and the log."""
     for stage in STAGES:
         shell = rules["rules"][stage]["shell"]
-        words = shlex.split(shell.replace("{", "").replace("}", ""))
-        assert f"locallip {stage}" in shell, shell
-        assert "--cfg-json {params.cfg:q}" in shell, shell  # the stage config, quoted, from params:
+        assert shell.startswith("{params.cmd}") or shell.startswith("OMP_NUM_THREADS={threads} {params.cmd}"), shell
         assert "config[" not in shell and "&&" not in shell and ";" not in shell, shell
-        assert words.count("locallip") == 1
-        assert "cfg" in rules["rules"][stage]["params"]
+        assert "cmd" in rules["rules"][stage]["params"]
+    cfgs = dag.compose_all(names=[SMOKE, SMOKE_BASELINE])
+    for stage in STAGES:
+        j = dag.job(cfgs, SMOKE, stage, 0.1 if stage == "certify" else None)
+        argv = dag.command(j, "json")
+        assert argv[:3] == ["locallip", stage, "--cfg-json"] and json.loads(argv[3]) == j.params
 
 
-def test_each_stage_depends_on_the_code_it_runs():
+def test_each_stage_depends_on_its_own_module_and_the_core_it_uses():
     src = "src/locallip/"
-    deps = {s: set(orchestrate.code_deps(s)) for s in STAGES}
+    deps = {s: set(dag.code_deps(s)) for s in STAGES}
     mods = lambda *names: {f"{src}{n}.py" for n in names}  # noqa: E731
-    assert mods("activations", "models", "bounds", "losses", "train", "data") <= deps["train"]
-    assert deps["train"] | mods("calibrate") <= deps["calibrate"]
-    assert mods("certify", "attack", "bounds", "models", "data") <= deps["certify"]
-    assert deps["report"] == mods("report")  # a report change reruns nothing else
-    assert mods("data") <= deps["download"] and not mods("bounds") & deps["download"]
-    for s in STAGES:  # infrastructure (CLI, config composition, paths, io) reruns nothing
-        assert not deps[s] & mods(*orchestrate.INFRA_MODULES), s
+    core = mods("nn/activations", "nn/models", "bounds/localbound", "bounds/spectral", "bounds/krylov", "certify")
+    assert core | mods("losses", "stages/train", "data/splits") <= deps["train"]
+    assert core | mods("stages/calibrate", "data/splits") <= deps["calibrate"]
+    assert core | mods("attack", "stages/certify", "data/splits") <= deps["certify"]
+    assert not mods("stages/train", "losses") & deps["certify"]  # certify does not rerun for training code
+    assert not mods("data/sources") & deps["train"]  # nor train for dataset loaders
+    assert {d for d in deps["report"] if "/stages/report/" not in d} == mods("stages/__init__")
+    assert mods("data/sources", "stages/download") <= deps["download"] and not core & deps["download"]
+    for s in STAGES:  # the pipeline package (CLI, config, layout, files) reruns nothing
+        assert not any("/pipeline/" in d for d in deps[s]), s
         assert all((REPO / f).is_file() for f in deps[s])
 
 
@@ -156,24 +164,24 @@ def test_conda_envs_exist_and_name_the_packages(rules):
 
 # --------------------------------------------------------------------------- targets (dry runs)
 
-def test_default_target_is_the_mnist5k_report(project, rules):
+def test_default_target_is_the_default_reports(project, rules):
     assert rules["default_target"] in ("default", "all")
-    cfgs = orchestrate.compose_all()
+    cfgs = dag.compose_all()
     jobs = planned_jobs(project, targets=())
-    assert job_keys(jobs) == expected_jobs(cfgs, ["mnist5k"])
+    assert job_keys(jobs) == expected_jobs(cfgs, ["mnist5k", "mnist5k_r158"])
     assert ("report", "mnist5k") in job_keys(jobs)
 
 
 def test_every_experiment_has_a_report_target(project):
     names = experiment_names(project / "config")
     assert {"mnist5k", "mnist5k_gloro", "smoke", "smoke_gloro", "cifar10"} <= set(names)
-    cfgs = orchestrate.compose_all()
+    cfgs = dag.compose_all()
     jobs = planned_jobs(project, targets=[str(paths.report(n)) for n in names])
     assert job_keys(jobs) == expected_jobs(cfgs, names)
     # one certify job per radius, with the radius as a wildcard
     for n in names:
         certs = sorted(k[2] for k in job_keys(jobs) if k[:2] == ("certify", n))
-        assert set(radius_tag(r) for r in cfgs[n]["certify"]["radii"]) <= set(certs)
+        assert set(radius_tag(r) for r in cfgs[n].certify.radii) <= set(certs)
     # the wildcard is constrained to the known experiments
     p = snakemake(project, "-n", "--cores", "1", "results/not_an_experiment/report.md", check=False)
     assert p.returncode != 0 and "No rule to produce" in p.stdout + p.stderr
@@ -182,7 +190,7 @@ def test_every_experiment_has_a_report_target(project):
 def test_report_depends_on_its_baseline(project):
     jobs = job_keys(planned_jobs(project, targets=["results/mnist5k/report.md"]))
     assert ("train", "mnist5k_gloro") in jobs
-    for r in orchestrate.compose_all()["mnist5k"]["certify"]["radii"]:
+    for r in dag.compose_all()["mnist5k"].certify.radii:
         assert ("certify", "mnist5k_gloro", radius_tag(r)) in jobs
     assert ("report", "mnist5k_gloro") not in jobs  # its certificates, not its report
 
@@ -210,12 +218,12 @@ def test_jobs_receive_exactly_their_stage_config(project):
                   "--config", f"overrides={json.dumps(overrides)}")
     found = _shell_cfgs(p.stdout)
     cfgs = {n: compose(n, overrides) for n in (SMOKE, SMOKE_BASELINE)}
-    assert len(found) == 2 * 3 + 4 + 1 and ("train", SMOKE) in found  # smoke report only
+    assert len(found) == 2 * 4 + 4 + 1 and ("train", SMOKE) in found  # smoke report only
     for key, cfg in found.items():
         stage, name = key[0], key[1]
         radius = float(key[2]) if stage == "certify" else None
-        assert cfg == stage_config(cfgs[name], stage, radius), key
-    first = radius_tag(cfgs[SMOKE]["certify"]["radii"][0])
+        assert cfg == plain(stage_config(cfgs[name], stage, radius)), key
+    first = radius_tag(cfgs[SMOKE].certify.radii[0])
     assert found[("train", SMOKE)]["train"]["epochs"] == 3
     assert found[("certify", SMOKE, first)]["certify"]["max_iter"] == 77
     assert "radii" not in found[("certify", SMOKE, first)]["certify"]  # a new radius changes no other job
@@ -254,17 +262,17 @@ def test_unknown_experiment_in_config(project):
 # --------------------------------------------------------------------------- real smoke run
 
 def test_smoke_run_produced_every_output(smoke):
-    cfgs = orchestrate.compose_all(SPEED_OVERRIDES)
+    cfgs = dag.compose_all(SPEED_OVERRIDES)
     for n in (SMOKE, SMOKE_BASELINE):
         expected = [paths.splits(n), paths.model(n), paths.train_metrics(n), paths.calibrated_model(n),
-                    paths.calibration(n), paths.report(n), paths.plots_dir(n) / "training.png",
-                    paths.plots_dir(n) / "certified_vs_radius.png"]
-        expected += [f(n, r) for r in cfgs[n]["certify"]["radii"]
+                    paths.calibration(n), paths.report(n), paths.training_plot(n), paths.diagnostics_plot(n),
+                    paths.radius_plot(n), paths.radii_table(n)]
+        expected += [f(n, r) for r in cfgs[n].certify.radii
                      for f in (paths.certificate, paths.certificate_table)]
         for f in expected:
             assert (smoke / f).is_file() and (smoke / f).stat().st_size > 0, f
-        cert = json.loads((smoke / paths.certificate(n, cfgs[n]["certify"]["radii"][0])).read_text())
-        assert cert["radius"] == cfgs[n]["certify"]["radii"][0]
+        cert = json.loads((smoke / paths.certificate(n, cfgs[n].certify.radii[0])).read_text())
+        assert cert["radius"] == cfgs[n].certify.radii[0]
         # the resume checkpoint survives, and is no declared output
         assert (smoke / paths.train_state(n)).is_file()
     summary = snakemake(smoke, "--summary", "--cores", "1", *smoke_config()).stdout
@@ -294,24 +302,25 @@ def test_new_radius_adds_one_certify_job_and_the_report(smoke):
 def test_training_setting_reruns_train_onward(smoke):
     jobs = planned_jobs(smoke, targets=[f"results/{SMOKE}/report.md"],
                         config=smoke_config(experiment_overrides={SMOKE: ["train.lr=0.002"]}))
-    assert job_keys(jobs) == sorted([("calibrate", SMOKE), ("report", SMOKE), ("train", SMOKE)]
+    assert job_keys(jobs) == sorted([("calibrate", SMOKE), ("radii", SMOKE), ("report", SMOKE), ("train", SMOKE)]
                                     + [("certify", SMOKE, radius_tag(r)) for r in smoke_radii(SMOKE)])
 
 
 def test_certify_setting_reruns_only_certify_and_report(smoke):
     jobs = planned_jobs(smoke, targets=[f"results/{SMOKE_BASELINE}/report.md"],
                         config=smoke_config(experiment_overrides={SMOKE_BASELINE: ["certify.attack.steps=7"]}))
-    assert job_keys(jobs) == sorted([("report", SMOKE_BASELINE)]
+    # the attack is part of every certify job's settings, and of the radii job's (same settings section)
+    assert job_keys(jobs) == sorted([("radii", SMOKE_BASELINE), ("report", SMOKE_BASELINE)]
                                     + [("certify", SMOKE_BASELINE, radius_tag(r))
                                        for r in smoke_radii(SMOKE_BASELINE)])
 
 
 def test_bound_code_change_reruns_train_onward(smoke, tmp_path):
     project = clone_project(smoke, tmp_path / "p")
-    touch_later(project / "src" / "locallip" / "bounds.py", append="\n# a change to the bound code\n")
+    touch_later(project / "src" / "locallip" / "bounds" / "localbound.py", append="\n# a change to the bound code\n")
     jobs = job_keys(planned_jobs(project, targets=()))
     stages = sorted({k[0] for k in jobs})
-    assert stages == ["calibrate", "certify", "report", "train"], jobs
+    assert stages == ["calibrate", "certify", "radii", "report", "train"], jobs
     assert ("train", SMOKE) in jobs and ("train", SMOKE_BASELINE) in jobs
     assert len([k for k in jobs if k[0] == "certify"]) == len(smoke_radii(SMOKE)) + len(smoke_radii(SMOKE_BASELINE))
 
@@ -319,7 +328,7 @@ def test_bound_code_change_reruns_train_onward(smoke, tmp_path):
 def test_report_code_change_reruns_only_the_report(smoke, tmp_path):
     project = clone_project(smoke, tmp_path / "p")
     before = mtimes(outputs_of(project, SMOKE))
-    touch_later(project / "src" / "locallip" / "report.py", append="\n# a change to the report\n")
+    touch_later(project / "src" / "locallip" / "stages" / "report" / "render.py", append="\n# a change to the report\n")
     assert job_keys(planned_jobs(project, targets=())) == [("report", SMOKE), ("report", SMOKE_BASELINE)]
     assert mtimes(outputs_of(project, SMOKE)) == before  # a dry run touches nothing
 

@@ -21,8 +21,11 @@ import pytest
 import torch
 import torchvision
 
-from locallip import data
-from locallip.data import (DATASETS, DataError, Splits, augment, load_splits, prepare_splits, run_download,
+from locallip.data import tinyimagenet
+from locallip.data.catalog import DATASETS
+from locallip.data.sources import prepare_splits
+from locallip.stages.download import run_download
+from locallip.data.splits import (DataError, Splits, augment, load_splits,
                            save_splits, to_tensors)
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -199,9 +202,9 @@ def fake_mnist_root(tmp_path):
 
 
 def test_registry_lists_every_configurable_dataset():
-    from locallip.config import DATASET_NAMES
+    from locallip.pipeline.config import DatasetName
 
-    assert set(DATASETS) == set(DATASET_NAMES)
+    assert set(DATASETS) == {d.value for d in DatasetName}
     for info in DATASETS.values():
         assert {"num_classes", "input_shape", "has_official_test"} <= set(info)
 
@@ -311,7 +314,7 @@ def test_sizes_that_do_not_fit(fake_mnist_root):
 
 
 def test_unknown_dataset_and_option():
-    with pytest.raises(DataError, match="'cifar100' is unknown; known: mnist5k"):
+    with pytest.raises(DataError, match="'cifar100', expected one of \\[mnist5k"):
         prepare_splits({"name": "cifar100"})
     with pytest.raises(DataError, match="val_sise"):
         prepare_splits({"name": "mnist5k", "val_sise": 3})
@@ -407,7 +410,7 @@ def test_tinyimagenet_from_zip(tmp_path, monkeypatch):
            "download": False, "val_size": 2, "calib_size": 2}
     with pytest.raises(DataError, match="md5"):  # not the official archive
         prepare_splits(cfg)
-    monkeypatch.setattr(data, "TINYIMAGENET_MD5", md5(archive))
+    monkeypatch.setattr(tinyimagenet, "TINYIMAGENET_MD5", md5(archive))
     s = prepare_splits(cfg)
     wnids, label = tiny_expected(t)
     assert s.meta["sizes"] == {"train": 8, "val": 2, "calib": 2, "test": 6}
@@ -499,7 +502,7 @@ def test_run_download_writes_atomically_and_never_clobbers(fake_mnist_root, tmp_
 
 
 def test_cli_download_reports_errors(fake_mnist_root, tmp_path, capsys):
-    from locallip.cli import main
+    from locallip.pipeline.cli import main
 
     root, _ = fake_mnist_root
     out = tmp_path / "s.npz"
@@ -508,7 +511,7 @@ def test_cli_download_reports_errors(fake_mnist_root, tmp_path, capsys):
     assert load_splits(out).meta["sizes"]["train"] == 30
     cfg["dataset"]["name"] = "cifar100"
     assert main(["download", "--cfg-json", json.dumps(cfg), "--out", str(tmp_path / "t.npz")]) == 2
-    assert "'cifar100' is unknown" in capsys.readouterr().err
+    assert "'cifar100'" in capsys.readouterr().err
     assert not (tmp_path / "t.npz").exists()
 
 

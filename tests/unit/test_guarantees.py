@@ -22,7 +22,6 @@ from locallip.bounds.exact import exact_masked_norms
 from locallip.bounds.krylov import (fp_margin, lanczos_inflation, masked_operator_norm_krylov,
                                     steps_for_inflation)
 from locallip.nn.activations import make_activation
-from locallip.nn.models import LipschitzNet
 from test_bounds import _mixed_model, _randomize_thresholds, _row_masks, exact_masked_norm, explicit_matrix
 
 DT = torch.float64

@@ -1,36 +1,35 @@
-"""Report stage: synthetic stage outputs in the fixed formats -> report.md + plots."""
+"""Report stage: synthetic stage outputs in the stages' formats -> report.md + plots.
+
+Checks the tables (every guarantee level named, the baseline side by side with the winner),
+the plots, what the certificates guarantee, that settings come from the certificates, and
+that inputs which do not belong together (other models, other settings, a failed audit)
+are refused without writing anything.
+"""
 from __future__ import annotations
 
 import copy
 import json
-import math
-import re
 from pathlib import Path
 
 import pytest
-import yaml
-from omegaconf import OmegaConf
 
-from locallip import report as R
-from locallip.config import Config, radius_tag
+from locallip.pipeline.config import compose, radius_tag
+from locallip.stages.report import run_report
+from locallip.stages.report import plots as P
+from locallip.stages.report import tables as T
+from locallip.stages.report.render import overrides_between
 
+REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-RADII = [0.5, 1.0, 1.58]
-GUARANTEE = {"local": "power-iteration ESTIMATE of the masked norms (tol 1e-6, may under-estimate)",
-             "global": "guaranteed upper bound (exact SVD of every layer)"}
+RADII = [0.1, 0.3, 0.5]
 
 
-def make_cfg(name="toy", baseline="toy_gloro", dataset="mnist5k", arch="4c3f", radii=RADII, paper=None):
-    cfg = OmegaConf.to_container(OmegaConf.structured(Config), resolve=True)
-    cfg["name"] = name
-    cfg["description"] = "synthetic report test"
-    cfg["dataset"]["name"] = dataset
-    cfg["model"]["arch"] = arch
-    cfg["certify"]["radii"] = list(radii)
-    cfg["report"]["baseline"] = baseline
-    cfg["report"]["paper"] = paper if paper is not None else [
-        {"setting": "MNIST (60k), eps 1.58, 4C3F", "system": "GloRo (repo README)", "eps": 1.58,
-         "clean": None, "certified": 62.8, "source": "Leino et al. 2021, github klasleino/gloro"}]
+def make_cfg(name="toy", baseline="toy_gloro", radii=RADII):
+    cfg = compose("mnist5k", config_dir=REPO / "config")
+    cfg.name = name
+    cfg.description = "synthetic report test"
+    cfg.certify.radii = list(radii)
+    cfg.report.baseline = baseline
     return cfg
 
 
@@ -39,36 +38,58 @@ def _write(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2))
 
 
-def make_experiment(d: Path, bound="local", radii=RADII, clean=0.9812, cert_local=(0.8123, 0.7031, 0.6234),
-                    cert_global=(0.7011, 0.5544, 0.4102), broken=(0, 0, 0), applicable=True,
-                    not_converged=(0, 1, 0)):
+def certificate(r, *, bound="local", cert_local=0.81, cert_global=0.70, broken=0, levels=None, sha="a" * 64,
+                settings=None, epoch=3, code="c0de"):
+    levels = levels or {"probabilistic": {"certified_acc": cert_local, "guarantee": "probabilistic: test text",
+                                          "points_computed": 500, "time_s": 1.0, "samples_per_s": 500.0,
+                                          "broken": 0, "delta": 1e-9, "delta_layer": 1e-9 / 3,
+                                          "expected_false_certificates_at_most": 5e-7,
+                                          "layers": [{"side": "input", "steps": 92, "n_max": 784,
+                                                      "inflation_max": 0.0106, "fp_margin_max": 6e-4,
+                                                      "global_fallback": 0}]}}
+    return {"radius": float(r), "n": 500, "clean_acc": 0.95, "certified_acc_local": cert_local,
+            "certified_acc_global": cert_global, "median_bound_ratio": 0.9, "not_converged": 0,
+            "samples_per_s": 500.0, "time_s": 2.0, "device": "cpu", "torch": "2.x",
+            "guarantee": {"local": "probabilistic: test text", "global": "upper bound: exact SVD"},
+            "guarantee_level": "probabilistic", "levels": levels,
+            "attack": {"steps": 50, "restarts": 5, "step_size": 0.1, "checked": 300, "broken": broken},
+            "bound_used_for_training": bound,
+            "provenance": {"settings": settings or {"name": "toy", "radius": float(r), "certify": {"tol": 1e-4}},
+                           "model": {"path": "results/toy/calibrate/model.pt", "sha256": sha, "epoch": epoch,
+                                     "train_code_version": code},
+                           "code_version": "ce57"}}
+
+
+def make_experiment(d: Path, bound="local", radii=RADII, cert_local=(0.93, 0.87, 0.72),
+                    cert_global=(0.92, 0.81, 0.66), curve=True, applicable=True):
     epochs = [{"epoch": e, "loss": 2.0 / e, "val_clean_acc": 0.8 + 0.02 * e, "val_certified_acc": 0.3 + 0.05 * e,
-               "eps": min(1.74, 0.6 * e), "kappa": max(0.0, 1 - 0.3 * e), "lr": 1e-3,
-               "theta_mean": 1.0 if bound == "local" else None, "fixed_fraction": 0.5 if bound == "local" else None,
-               "time_s": 3.25} for e in range(1, 5)]
+               "eps": min(0.35, 0.1 * e), "time_s": 3.25,
+               "fixed_per_layer": [0.01 * e, 0.02 * e, 0.4] if bound == "local" else None,
+               "bound_ratio_layers_median": [0.99, 0.995, 1.0] if bound == "local" else None,
+               "bound_ratio_layers_worst": [0.97, 0.98, 0.95] if bound == "local" else None,
+               "bound_ratio_median": 0.99 if bound == "local" else None} for e in range(1, 5)]
     _write(d / "train" / "metrics.json", {
-        "epochs": epochs, "best_epoch": 3, "device": "cpu", "torch": "2.15.0", "train_time_s": 13.0,
-        "bound": bound, "loss": "bcp_mix" if bound == "local" else "gloro", "params": 123456})
-    if applicable:
-        cal = {"applicable": True, "message": "", "eps": 1.58, "max_clean_drop": 0.02,
-               "tried": [{"scale": 0.5, "clean_acc": 0.95, "certified_acc": 0.52, "accepted": False},
-                         {"scale": 1.25, "clean_acc": 0.971, "certified_acc": 0.6487, "accepted": True}],
-               "chosen_scale": 1.25, "before": {"clean_acc": 0.9733, "certified_acc": 0.6012},
-               "after": {"clean_acc": 0.971, "certified_acc": 0.6487}, "time_s": 4.5}
-    else:
-        cal = {"applicable": False, "message": "activation relu has no clipping threshold to calibrate",
-               "eps": 1.58, "max_clean_drop": 0.02, "tried": [], "chosen_scale": None,
-               "before": None, "after": None, "time_s": 0.01}
+        "epochs": epochs, "best_epoch": 3, "device": "cpu", "torch": "2.x", "train_time_s": 13.0,
+        "bound": bound, "loss": "bcp_mix" if bound == "local" else "gloro", "params": 123456,
+        "code_version": "c0de", "settings": {"name": d.name, "model": {"arch": "2c2f", "activation": "clipped_relu"},
+                                             "train": {"epochs": 4}}})
+    cal = ({"applicable": True, "message": "chose scales [1.25]", "eps": 0.3, "max_clean_drop": 0.02,
+            "tried": [{"scale": 0.5, "layer": None, "clean_acc": 0.95, "certified_acc": 0.52, "accepted": False},
+                      {"scale": 1.25, "layer": None, "clean_acc": 0.971, "certified_acc": 0.6487, "accepted": True}],
+            "chosen_scale": 1.25, "before": {"clean_acc": 0.9733, "certified_acc": 0.6012},
+            "after": {"clean_acc": 0.971, "certified_acc": 0.6487}, "time_s": 4.5}
+           if applicable else
+           {"applicable": False, "message": "activation 'relu' has no clipping thresholds", "eps": 0.3,
+            "max_clean_drop": 0.02, "tried": [], "chosen_scale": None, "before": None, "after": None, "time_s": 0.01})
     _write(d / "calibrate" / "calibration.json", cal)
     for i, r in enumerate(radii):
-        _write(d / "certify" / f"radius_{radius_tag(r)}.json", {
-            "radius": float(r), "n": 500, "clean_acc": clean, "certified_acc_local": cert_local[i],
-            "certified_acc_global": cert_global[i], "median_bound_ratio": 0.4321 + 0.1 * i,
-            "not_converged": not_converged[i], "samples_per_s": 812.5, "time_s": 0.6154, "device": "cpu",
-            "torch": "2.15.0", "guarantee": GUARANTEE,
-            "attack": {"steps": 50, "restarts": 5, "checked": 300, "broken": broken[i]},
-            "bound_used_for_training": bound})
-        (d / "certify" / f"radius_{radius_tag(r)}.csv").write_text("index,label,pred,certified\n")
+        _write(d / "certify" / f"radius_{radius_tag(r)}.json",
+               certificate(r, bound=bound, cert_local=cert_local[i], cert_global=cert_global[i]))
+        (d / "certify" / f"radius_{radius_tag(r)}.csv").write_text("index,label,prediction\n")
+    if curve:
+        rows = ["index,label,prediction,certified_radius_local,certified_radius_global"]
+        rows += [f"{i},1,1,{0.05 * (i % 12)},{0.04 * (i % 12)}" for i in range(40)] + ["40,1,2,0.0,0.0"]
+        (d / "certify" / "radii.csv").write_text("\n".join(rows) + "\n")
     return d
 
 
@@ -76,320 +97,200 @@ def make_experiment(d: Path, bound="local", radii=RADII, clean=0.9812, cert_loca
 def dirs(tmp_path):
     main = make_experiment(tmp_path / "results" / "toy")
     base = make_experiment(tmp_path / "results" / "toy_gloro", bound="global", applicable=False,
-                           cert_local=(0.7502, 0.6011, 0.4901), cert_global=(0.7402, 0.5911, 0.4801))
+                           cert_local=(0.92, 0.85, 0.70), cert_global=(0.92, 0.84, 0.69))
     return main, base
 
 
-def _row(text: str, first_cell: str) -> str:
+def _row(text: str, first_cell: str) -> list:
     rows = [ln for ln in text.splitlines() if ln.startswith(f"| {first_cell} |")]
     assert rows, f"no table row starting with {first_cell!r}"
-    return rows[0]
-
-
-def _cells(line: str):
-    return [c.strip() for c in line.strip().strip("|").split("|")]
+    return [c.strip() for c in rows[0].strip().strip("|").split("|")]
 
 
 def _assert_png(path: Path):
     data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
-    assert len(data) > 1000
-    import matplotlib.image
-    img = matplotlib.image.imread(path)
-    assert img.shape[0] > 100 and img.shape[1] > 100
+    assert data[:8] == PNG_MAGIC and len(data) > 1000, path
 
 
 # ----------------------------------------------------------------------------- formatting
 
-def test_fmt_pct():
-    assert R.fmt_pct(0.6234) == "62.3"
-    assert R.fmt_pct(1.0) == "100.0"
-    assert R.fmt_pct(0.0) == "0.0"
-    assert R.fmt_pct(None) == "—"
-    assert R.fmt_pct(float("nan")) == "n/a"
-    assert R.fmt_paper(62.8) == "62.8"
 
-
-def test_fmt_radius():
-    assert R.fmt_radius(1.58) == "1.58"
-    assert R.fmt_radius(0.5) == "0.5"
-    assert R.fmt_radius(36 / 255) == "0.1412 (36/255)"
-    assert R.fmt_radius(1.0) == "1"
+def test_formatting():
+    assert T.fmt_pct(0.6234) == "62.3" and T.fmt_pct(None) == "—" and T.fmt_pct(float("nan")) == "n/a"
+    assert T.fmt_radius(1.58) == "1.58" and T.fmt_radius(36 / 255) == "0.1412 (36/255)" and T.fmt_radius(1.0) == "1"
+    assert T.markdown_table(["a", "b|c"], [[1, "x\ny"]]).splitlines() == ["| a | b\\|c |", "|---|---|", "| 1 | x y |"]
 
 
 # ----------------------------------------------------------------------------- full report
 
+
 def test_report_with_baseline(dirs):
     main, base = dirs
     out = main / "report.md"
-    cfg = make_cfg()
-    assert R.run_report(cfg, main, out, baseline_dir=base) == out
+    run_report(make_cfg(), main, out, baseline_dir=base)
     text = out.read_text()
-
-    assert text.startswith("# toy:")
-    assert "synthetic report test" in text
-    assert "snakemake --cores 8 results/toy/report.md" in text
-    for stage in ("download", "train", "calibrate", "report"):
-        assert f"locallip {stage} experiment=toy" in text
-    for r in RADII:
-        assert f"locallip certify experiment=toy --radius {radius_tag(r)}" in text
-
-    # headline rows of this model: radius | n | clean | local | global | ratio | attack | not converged
-    cells = _cells(_row(text, "1.58"))
-    assert cells == ["1.58", "500", "98.1", "62.3", "41.0", "0.6321", "0/300", "0"]
-    assert _cells(_row(text, "0.5"))[2:5] == ["98.1", "81.2", "70.1"]
-    assert _cells(_row(text, "1"))[-1] == "1"  # not converged at radius 1.0
-
-    # baseline rows, labelled, side by side
-    assert "### toy_gloro (GloRo baseline)" in text
-    assert "74.0" in text and "48.0" in text  # baseline global-bound certified acc at 0.5 and 1.58
-    side = [ln for ln in text.splitlines() if ln.startswith("| 1.58 | 62.3 | 41.0 |")]
-    assert side and _cells(side[0])[3] == "48.0"
-
-    # plots embedded with relative links, valid PNGs
-    assert "](plots/training.png)" in text
-    assert "](plots/certified_vs_radius.png)" in text
-    _assert_png(main / "plots" / "training.png")
-    _assert_png(main / "plots" / "certified_vs_radius.png")
-    assert not list((main / "plots").glob("*.tmp"))
-
-    # calibration effect
-    assert "Chosen scale: **1.25**" in text
-    assert _cells(_row(text, "before calibration"))[1:] == ["97.3", "60.1"]
-    assert _cells(_row(text, "after calibration"))[1:] == ["97.1", "64.9"]
-    assert "activation relu has no clipping threshold" in text  # the baseline's calibration message
-
-    # guarantees, tolerance, data use
-    assert GUARANTEE["local"] in text and GUARANTEE["global"] in text
-    assert f"tolerance of {cfg['certify']['tol']}" in text
-    assert "validation split" in text and "calibration split" in text and "used once, by certification" in text
-
-    # timings and environment
-    assert "13.00 s" in text and "812.5" in text and "2.15.0" in text and "cpu" in text
-
-    # no soundness warning when nothing was broken
-    assert "WARNING" not in text
-
-    # settings: the YAML block is the full config
-    block = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
-    assert yaml.safe_load(block) == cfg
-
-    # per-sample CSV linked
-    assert "](certify/radius_1.58.csv)" in text
+    # every guarantee level is named in the column it heads
+    assert "certified, local bound, probabilistic: P(false) <= 1e-09 per point (%)" in text
+    assert "certified, global bound, exact (%)" in text
+    assert _row(text, "0.3")[:5] == ["0.3", "500", "95.0", "87.0", "81.0"]
+    # side by side: each model's headline certificate, the difference and the winner
+    side = [ln for ln in text.splitlines() if ln.startswith("| 0.3 |")][-1]
+    assert "87.0" in side and "85.0" in side and "+2.0" in side and "**toy**" in side
+    side_05 = [ln for ln in text.splitlines() if ln.startswith("| 0.5 |")][-1]
+    assert "+2.0" in side_05 and "**toy**" in side_05
+    # what the certificates guarantee: delta, steps, the expected number of false certificates
+    assert "P(false) <= 1e-09 (delta per layer" in text and "92 steps" in text and "at most 5e-07" in text
+    # settings come from what the stages recorded, with the model digest and code versions
+    assert "sha256 `" + "a" * 64 + "`" in text and "certify `ce57`" in text
+    for name in ("training.png", "bound_diagnostics.png", "certified_vs_radius.png"):
+        _assert_png(main / "plots" / name)
+        assert f"(plots/{name})" in text
+    assert "(certify/radius_0.1.csv)" in text
 
 
-def test_report_without_baseline(dirs):
-    main, _ = dirs
-    out = main / "report.md"
-    R.run_report(make_cfg(baseline=None), main, out)
-    text = out.read_text()
-    assert "(GloRo baseline)" not in text
-    assert "toy_gloro" not in text
-    assert _cells(_row(text, "1.58"))[3] == "62.3"
+def test_report_without_baseline_and_without_curve(tmp_path):
+    main = make_experiment(tmp_path / "results" / "toy", curve=False)
+    cfg = make_cfg(baseline=None)
+    cfg.certify.curve = False
+    run_report(cfg, main, main / "report.md")
+    text = (main / "report.md").read_text()
+    assert "### Side by side" not in text and "baseline" not in text.split("## Plots")[0].lower()
     _assert_png(main / "plots" / "certified_vs_radius.png")
 
 
-def test_broken_attack_is_flagged(tmp_path):
-    main = make_experiment(tmp_path / "toy", broken=(0, 3, 0))
-    out = tmp_path / "toy" / "report.md"
-    R.run_report(make_cfg(baseline=None), main, out)
-    text = out.read_text()
-    row = _row(text, "1")
-    assert "**WARNING: 3/300 broken**" in row
-    assert "WARNING" not in _row(text, "0.5") and "WARNING" not in _row(text, "1.58")
-    # and loudly above the tables
-    head = text.split("## How to reproduce")[0]
-    assert "**WARNING**" in head and "radius 1" in head and "3 of 300" in head
-
-
-def test_broken_baseline_attack_is_flagged(dirs, tmp_path):
-    main, _ = dirs
-    base = make_experiment(tmp_path / "b", bound="global", broken=(1, 0, 0))
-    out = main / "report.md"
-    R.run_report(make_cfg(), main, out, baseline_dir=base)
-    text = out.read_text()
-    assert "**WARNING**: toy_gloro (GloRo baseline), radius 0.5" in text
-    assert "**WARNING: 1/300 broken**" in text
-
-
-def test_baseline_not_global_is_flagged(dirs, tmp_path):
-    main, _ = dirs
-    base = make_experiment(tmp_path / "b", bound="local")
-    out = main / "report.md"
-    R.run_report(make_cfg(), main, out, baseline_dir=base)
-    assert "not the global (GloRo) bound" in out.read_text()
-
-
-def test_paper_row_beside_ours_and_labelled(dirs):
+def test_a_winner_per_radius_with_ties_and_losses(dirs):
     main, base = dirs
-    out = main / "report.md"
-    paper = [
-        {"setting": "MNIST (60k), eps 1.58, 4C3F", "system": "GloRo (repo README)", "eps": 1.58 + 5e-7,
-         "clean": None, "certified": 62.8, "source": "Leino et al. 2021"},
-        {"setting": "MNIST, eps 0.3, 2C2F", "system": "GloRo (repo README)", "eps": 0.3,
-         "clean": None, "certified": 95.7, "source": "Leino et al. 2021"},
-    ]
-    R.run_report(make_cfg(paper=paper), main, out, baseline_dir=base)
-    text = out.read_text()
-    section = text.split("## Reference numbers")[1].split("\n## ")[0]
-    row = _row(section, "MNIST (60k), eps 1.58, 4C3F")
-    cells = _cells(row)
-    assert cells[1] == "GloRo (repo README) — paper (Leino et al. 2021)"
-    assert cells[4] == "62.8"  # paper: certified
-    assert cells[6] == "62.3"  # ours, local bound, at radius 1.58
-    assert cells[8] == "48.0"  # baseline, global bound, at radius 1.58
-    # mnist5k is not MNIST: said plainly
-    assert "not like-for-like" in row and "not full MNIST" in row
-    header = [ln for ln in section.splitlines() if ln.startswith("| paper setting")][0]
-    assert "paper: certified (%)" in header and "ours: certified, local bound (%)" in header
-    # the eps 0.3 row has no radius of ours: nothing placed beside it
-    cells = _cells(_row(section, "MNIST, eps 0.3, 2C2F"))
-    assert cells[4] == "95.7" and cells[5:9] == ["—", "—", "—", "—"]
-    assert "none of our radii equals" in cells[-1]
+    for r, local in ((0.1, 0.92), (0.3, 0.80)):  # a tie at 0.1, the baseline wins at 0.3
+        p = main / "certify" / f"radius_{radius_tag(r)}.json"
+        c = json.loads(p.read_text())
+        c["certified_acc_local"] = local
+        p.write_text(json.dumps(c))
+    run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+    lines = (main / "report.md").read_text().split("### Side by side")[1].split("## Plots")[0]
+    assert "| 0.1 | 92.0 | 92.0 | +0.0 | **tie** |" in lines
+    assert "| 0.3 | 80.0 | 85.0 | -5.0 | **toy_gloro** |" in lines
 
 
-def test_paper_row_same_setting(tmp_path):
-    main = make_experiment(tmp_path / "mnist")
-    cfg = make_cfg(name="mnist", dataset="mnist", baseline=None)
-    R.run_report(cfg, main, tmp_path / "mnist" / "report.md")
-    row = _row((tmp_path / "mnist" / "report.md").read_text(), "MNIST (60k), eps 1.58, 4C3F")
-    assert "not like-for-like" not in row
-    assert "dataset, architecture and radius match" in row
-    # a different architecture is called out
-    diffs = R.setting_differences(make_cfg(dataset="mnist", arch="2c2f"), cfg["report"]["paper"][0])
-    assert diffs == ["architecture differs: ours 2C2F, paper 4C3F"]
-    assert R.paper_dataset("CIFAR-10, eps 36/255, 6C2F") == "cifar10"
-    assert R.paper_dataset("Tiny-ImageNet, eps 36/255, 8C2F") == "tinyimagenet"
+def test_broken_attack_is_flagged(dirs):
+    main, base = dirs
+    p = main / "certify" / "radius_0.3.json"
+    c = json.loads(p.read_text())
+    c["attack"]["broken"] = 2
+    p.write_text(json.dumps(c))
+    run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+    text = (main / "report.md").read_text()
+    assert "**WARNING**: this model, radius 0.3: the attack broke 2 of 300" in text
+    assert "**WARNING: 2/300 broken**" in text
 
 
-def test_per_layer_calibration_shown(tmp_path):
-    cal = {"applicable": True, "message": "chose scales [1.25, 0.5]", "eps": 1.58, "max_clean_drop": 0.02,
-           "tried": [{"scale": 1.25, "layer": None, "clean_acc": 0.97, "certified_acc": 0.6, "accepted": True},
-                     {"scale": 0.5, "layer": 1, "clean_acc": 0.965, "certified_acc": 0.61, "accepted": True}],
-           "chosen_scale": 1.25, "chosen_scales": [1.25, 0.5], "before": {"clean_acc": 0.98, "certified_acc": 0.5},
-           "after": {"clean_acc": 0.965, "certified_acc": 0.61}, "time_s": 1.0}
-    text = R.calibration_section(cal)
-    assert "Per-layer scales in the calibrated model: 1.25, 0.5." in text
-    assert _cells(_row(text, "1"))[:2] == ["1", "0.5"] and _cells(_row(text, "all"))[1] == "1.25"
-    assert "chose scales [1.25, 0.5]" in text
+def test_calibration_sections(dirs):
+    main, base = dirs
+    run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+    text = (main / "report.md").read_text()
+    assert "| before calibration | 97.3 | 60.1 |" in text and "| all | 1.25 | 97.1 | 64.9 | yes |" in text
 
 
-def test_not_applicable_calibration(tmp_path):
-    main = make_experiment(tmp_path / "toy", applicable=False)
-    out = tmp_path / "toy" / "report.md"
-    R.run_report(make_cfg(baseline=None), main, out)
-    section = out.read_text().split("## Calibration")[1].split("\n## ")[0]
-    assert "not applicable: activation relu has no clipping threshold to calibrate" in section
-    assert "Chosen scale" not in section
+# ----------------------------------------------------------------------------- refused inputs
 
 
-@pytest.mark.parametrize("which", ["main_certify", "main_metrics", "main_calibration", "baseline_certify"])
+@pytest.mark.parametrize("which", ["certificate", "metrics", "calibration", "baseline_certificate", "radii"])
 def test_missing_input_raises_and_writes_nothing(dirs, which):
     main, base = dirs
-    out = main / "report.md"
-    out.write_text("previous report\n")
-    victim = {"main_certify": main / "certify" / "radius_1.0.json",
-              "main_metrics": main / "train" / "metrics.json",
-              "main_calibration": main / "calibrate" / "calibration.json",
-              "baseline_certify": base / "certify" / "radius_1.58.json"}[which]
-    victim.unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(str(victim))):
-        R.run_report(make_cfg(), main, out, baseline_dir=base)
-    assert out.read_text() == "previous report\n"
-    assert not (main / "plots").exists()
-    assert [p.name for p in main.iterdir() if p.is_file()] == ["report.md"]
+    path = {"certificate": main / "certify" / "radius_0.3.json", "metrics": main / "train" / "metrics.json",
+            "calibration": main / "calibrate" / "calibration.json",
+            "baseline_certificate": base / "certify" / "radius_0.5.json", "radii": main / "certify" / "radii.csv"}[which]
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=path.name):
+        run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+    assert not (main / "report.md").exists() and not (main / "plots").exists()
 
 
-def test_stale_certificate_radius_is_rejected(dirs):
-    main, _ = dirs
-    p = main / "certify" / "radius_1.0.json"
-    d = json.loads(p.read_text())
-    d["radius"] = 1.5
-    p.write_text(json.dumps(d))
-    with pytest.raises(ValueError, match="radius_1.0.json"):
-        R.run_report(make_cfg(baseline=None), main, main / "report.md")
+def test_a_failed_audit_record_refuses_the_report(dirs):
+    main, base = dirs
+    (main / "certify" / "radius_0.3.json.audit-failed.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="attack audit"):
+        run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["provenance"]["model"].update(sha256="b" * 64), "different models"),
+    (lambda c: c["provenance"]["settings"]["certify"].update(tol=1e9), "different settings"),
+    (lambda c: c["provenance"].update(code_version="other"), "different code versions"),
+    (lambda c: c.update(radius=0.31), "holds radius 0.31"),
+])
+def test_certificates_that_do_not_belong_together_are_refused(dirs, change, message):
+    main, base = dirs
+    p = main / "certify" / "radius_0.3.json"
+    c = json.loads(p.read_text())
+    change(c)
+    p.write_text(json.dumps(c))
+    with pytest.raises(ValueError, match=message):
+        run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
     assert not (main / "report.md").exists()
 
 
+def test_a_model_other_than_the_trained_one_is_refused(dirs):
+    main, base = dirs
+    m = json.loads((main / "train" / "metrics.json").read_text())
+    m["best_epoch"] = 4  # a retrain chose another epoch; the certificates are from the old model
+    (main / "train" / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="epoch 3.*epoch 4"):
+        run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+
+
 def test_malformed_certificate_names_file_and_key(dirs):
-    main, _ = dirs
-    p = main / "certify" / "radius_0.5.json"
-    d = json.loads(p.read_text())
-    del d["certified_acc_local"]
-    p.write_text(json.dumps(d))
-    with pytest.raises(ValueError, match="radius_0.5.json.*certified_acc_local"):
-        R.run_report(make_cfg(baseline=None), main, main / "report.md")
-
-
-def test_radius_file_names_use_radius_tag(tmp_path):
-    r = 36 / 255
-    main = make_experiment(tmp_path / "c", radii=[0.0, r], cert_local=(0.9, 0.6), cert_global=(0.9, 0.5),
-                           broken=(0, 0), not_converged=(0, 0))
-    assert (main / "certify" / f"radius_{r!r}.json").exists()
-    out = main / "report.md"
-    R.run_report(make_cfg(radii=[0.0, r], baseline=None, paper=[]), main, out)
-    text = out.read_text()
-    assert _cells(_row(text, "0.1412 (36/255)"))[3] == "60.0"
-    assert f"--radius {r!r}" in text
-    assert "No paper numbers are configured" in text
+    main, base = dirs
+    p = main / "certify" / "radius_0.1.json"
+    c = json.loads(p.read_text())
+    del c["attack"]
+    p.write_text(json.dumps(c))
+    with pytest.raises(ValueError, match=r"radius_0.1.json: missing key\(s\) attack"):
+        run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
 
 
 # ----------------------------------------------------------------------------- pieces
 
-def test_headline_rows_and_table():
-    certs = [{"radius": 1.58, "n": 10, "clean_acc": 0.9, "certified_acc_local": 0.6234,
-              "certified_acc_global": float("nan"), "median_bound_ratio": 0.5, "not_converged": 2,
-              "attack": {"steps": 1, "restarts": 1, "checked": 6, "broken": 1}}]
-    rows = R.headline_rows(certs)
-    assert rows[0]["warning"] is True
-    assert R.format_headline(rows)[0] == ["1.58", "10", "90.0", "62.3", "n/a", "0.5", "**WARNING: 1/6 broken**", "2"]
-    table = R.markdown_table(["a", "b"], [["x|y", 1]])
-    assert table.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+
+def test_overrides_between_recorded_and_current():
+    o, u = overrides_between({"a": 1, "b": {"c": "x y", "d": [1.0, 2.0]}, "e": None},
+                             {"a": 2, "b": {"c": "z", "d": [1.0]}, "e": None}, "train")
+    assert o == ["train.a=1", "train.b.c='x y'", "train.b.d=[1.0,2.0]"] and u == []
 
 
-def test_config_overrides():
-    ref = {"name": "x", "train": {"epochs": 10, "lr": 0.001, "device": "auto"},
-           "certify": {"radii": [0.5, 1.58]}, "report": {"paper": [{"setting": "a"}]}}
-    cfg = copy.deepcopy(ref)
-    assert R.config_overrides(cfg, ref) == ([], [])
-    cfg["train"]["epochs"] = 3
-    cfg["train"]["device"] = "cuda"
-    cfg["certify"]["radii"] = [0.25]
-    cfg["report"]["paper"] = [{"setting": "b"}]  # a list of mappings: not one override
-    cfg["extra"] = 1  # not in the schema
-    overrides, unexpressible = R.config_overrides(cfg, ref)
-    assert overrides == ["train.epochs=3", "train.device=cuda", "certify.radii=[0.25]"]
-    assert unexpressible == ["report.paper", "extra"]
-    cfg["report"]["paper"] = []
-    cfg["train"]["device"] = "my device"
-    overrides, _ = R.config_overrides(cfg, ref)
-    assert "train.device='my device'" in overrides and "report.paper=[]" in overrides
-
-
-def test_reproduce_with_overrides_of_real_experiment(tmp_path):
-    """A report of a real experiment names exactly the overrides that differ from config/."""
-    from locallip.config import compose
-    cfg = compose("smoke")
-    main = make_experiment(tmp_path / "smoke", radii=cfg["certify"]["radii"], cert_local=(0.8, 0.6),
-                           cert_global=(0.7, 0.5), broken=(0, 0), not_converged=(0, 0))
-    out = main / "report.md"
-    R.run_report(cfg, main, out)
-    text = out.read_text()
-    assert "exactly what `config/experiment/smoke.yaml` composes to" in text
-    cfg["train"]["epochs"] += 4
-    R.run_report(cfg, main, out)
-    text = out.read_text()
-    assert f"locallip train experiment=smoke train.epochs={cfg['train']['epochs']}" in text
-    assert "differ from what `config/experiment/smoke.yaml` composes to" in text
+def test_curve_from_radii():
+    rows = [{"label": 1, "prediction": 1, "local": 0.3, "global": 0.1},
+            {"label": 1, "prediction": 2, "local": 0.0, "global": 0.0},
+            {"label": 2, "prediction": 2, "local": 0.05, "global": 0.05}]
+    assert T.curve(rows, "local", [0.0, 0.05, 0.2, 0.4]) == [2 / 3, 2 / 3, 1 / 3, 0.0]
+    assert T.curve(rows, "global", [0.1]) == [1 / 3]
 
 
 def test_plot_functions_directly(tmp_path):
-    metrics = json.loads((make_experiment(tmp_path / "e") / "train" / "metrics.json").read_text())
-    p = R.plot_training(metrics, tmp_path / "p" / "t.png")
-    _assert_png(p)
-    empty = dict(metrics, epochs=[])
-    _assert_png(R.plot_training(empty, tmp_path / "p" / "empty.png"))
-    rows = [{"radius": 0.5, "cert_local": 0.8, "cert_global": 0.7},
-            {"radius": 1.0, "cert_local": 0.6, "cert_global": math.nan}]
-    _assert_png(R.plot_certified_vs_radius(rows, tmp_path / "p" / "c.png", baseline_rows=rows,
-                                           paper=[{"eps": 1.0, "certified": 62.8, "system": "s", "setting": "x"}]))
+    metrics = json.loads((make_experiment(tmp_path / "results" / "p") / "train" / "metrics.json").read_text())
+    _assert_png(P.plot_training(metrics, tmp_path / "t.png"))
+    _assert_png(P.plot_bound_diagnostics(metrics, tmp_path / "d.png"))
+    _assert_png(P.plot_bound_diagnostics({"epochs": [{"epoch": 1}]}, tmp_path / "d0.png"))
+    rows = T.headline_rows([certificate(r) for r in RADII])
+    _assert_png(P.plot_certified_vs_radius(rows, tmp_path / "r.png"))
+
+
+def test_report_names_settings_that_differ_from_the_committed_config(dirs):
+    main, base = dirs
+    cfg = make_cfg(name="mnist5k")  # a real experiment name: its composition is compared
+    for d in (main,):
+        for r in RADII:
+            p = d / "certify" / f"radius_{radius_tag(r)}.json"
+            c = json.loads(p.read_text())
+            c["provenance"]["settings"] = {"name": "mnist5k", "radius": r,
+                                           "certify": {**copy.deepcopy(_certify_settings()), "tol": 1e-5}}
+            p.write_text(json.dumps(c))
+    run_report(cfg, main, main / "report.md", baseline_dir=base)
+    text = (main / "report.md").read_text()
+    assert "differ from what `config/experiment/mnist5k.yaml` composes to now" in text
+    assert "certify.tol=1e-05" in text
+
+
+def _certify_settings():
+    from locallip.pipeline.config import plain, stage_config
+    s = plain(stage_config(compose("mnist5k", config_dir=REPO / "config"), "certify", 0.3))
+    return s["certify"]

@@ -1,5 +1,4 @@
-# One job per radius: results/<experiment>/certify/radius_<r>.json (+ .csv), and one
-# for every test point's largest certified radius (certify/radii.csv, the report's curve).
+# One job per radius: results/<experiment>/certify/radius_<r>.json (+ .csv).
 rule certify:
     input:
         unpack(stage_inputs("certify")),
@@ -24,22 +23,3 @@ rule certify:
     shell:
         "OMP_NUM_THREADS={threads} {params.cmd} --threads {threads} > {log:q} 2>&1"
 
-
-rule radii:
-    input:
-        unpack(stage_inputs("radii")),
-    output:
-        **output_patterns("radii"),
-    params:
-        cmd=stage_command("radii"),
-    log:
-        f"{LOGS}/radii.log",
-    threads: 1
-    resources:
-        gpu=1,
-        mem_mb=8000,
-        runtime=240,
-    conda:
-        "../envs/locallip.yaml"
-    shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} --threads {threads} > {log:q} 2>&1"

@@ -62,7 +62,7 @@ def margin_lower_bounds(weight: Tensor, bias: Optional[Tensor], features: Tensor
                 return (torch.clamp(h0 - t[..., None] * c, lo, hi) - h0).square().sum(-1)
             r2 = r.square()
             for _ in range(bisection_steps):
-                mid = (t_lo * t_hi).sqrt()
+                mid = t_lo * (t_hi / t_lo).sqrt()  # geometric mean without squaring (underflow at tiny radii)
                 inside = reach(mid) <= r2
                 t_lo = torch.where(inside, mid, t_lo)
                 t_hi = torch.where(inside, t_hi, mid)
@@ -70,7 +70,8 @@ def margin_lower_bounds(weight: Tensor, bias: Optional[Tensor], features: Tensor
             t = t.detach()
             hm = torch.clamp(h0 - t[..., None] * c, lo, hi)
             g = (c * hm).sum(-1) + ((hm - h0).square().sum(-1) - r.square()) / (2 * t) + db
-            best = torch.where(positive, torch.maximum(best, g), best)
+            # g is a valid bound wherever it is finite; rounding at extreme scales can make it NaN.
+            best = torch.where(positive & torch.isfinite(g), torch.maximum(best, g), best)
     onehot = F.one_hot(y, weight.shape[0]).bool()
     return best.masked_fill(onehot, 0.0)
 

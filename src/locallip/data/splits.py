@@ -112,7 +112,10 @@ def load_splits(path) -> Splits:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:  # zip/CRC/format errors come in many types
-        raise DataError(f"cannot read splits file {path}: {type(e).__name__}: {e}") from e
+        if "allow_pickle" in str(e):
+            raise DataError(f"{path} holds Python objects (pickled arrays); refused, since loading them could run "
+                            f"code. A splits file holds only numbers") from None
+        raise DataError(f"cannot read splits file {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     missing = [k for k in ARRAY_KEYS + ("meta",) if k not in arrays]
     if missing:
         raise DataError(f"{path} is not a locallip splits file: missing {', '.join(missing)}")

@@ -135,7 +135,7 @@ def normalize_settings(settings: Mapping) -> dict:
     unknown = set(settings) - {"experiments", "overrides", "experiment_overrides"}
     if unknown:
         raise ConfigError(f"unknown workflow setting(s): {', '.join(sorted(unknown))}")
-    experiments = settings.get("experiments", ["mnist5k"])
+    experiments = settings.get("experiments", ["mnist5k", "mnist5k_r158"])
     overrides = settings.get("overrides", []) or []
     per = settings.get("experiment_overrides", {}) or {}
 
@@ -312,7 +312,8 @@ def job(cfgs: Mapping[str, Config], name: str, stage: str, radius: Optional[floa
         if b is not None:
             inputs["baseline"] = ([str(layout.train_metrics(b)), str(layout.calibration(b))]
                                   + [str(layout.certificate(b, r)) for r in rs]
-                                  + ([str(layout.radii_table(b))] if cfgs[b].certify.curve else []))
+                                  + ([str(layout.radii_table(b))] if (cfgs[b] if b in cfgs else cfg).certify.curve
+                                     else []))
             options["baseline-dir"] = str(layout.experiment_dir(b))
         return Job(stage, name, None, inputs, outs, plain(stage_config(cfg, stage)), options)
     raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")

@@ -81,29 +81,44 @@ def file_digest(path: PathLike, algorithm: str = "sha256") -> str:
 
 @contextmanager
 def stage_lock(output: PathLike, stage: str) -> Iterator[Path]:
-    """Hold an exclusive lock on ``<output>.lock`` while a stage writes ``output``.
+    """Hold an exclusive lock on ``.<output>.lock`` while a stage writes ``output``.
 
     A second run on the same output fails at once (StageBusy) instead of racing the
     first: the last writer would otherwise win, mixing one run's files with the
-    other's. The lock is released when the process ends, however it ends (flock).
+    other's. flock releases the lock when the process ends, however it ends; the
+    lock file is removed on release (and a lock taken on a file that was removed
+    meanwhile is retried, so two runs never both hold one).
     """
     import fcntl
 
     output = Path(output)
     lock = output.with_name(f".{output.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
                 raise StageBusy(f"{stage} is already running for {output} (pid {holder}); wait for it to "
                                 f"finish or stop it") from None
             raise
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed it while we waited: take a fresh one
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield lock
     finally:
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            pass
         os.close(fd)  # releases the lock

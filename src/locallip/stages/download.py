@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping, Union
 
 from ..data.sources import prepare_splits
-from ..data.splits import save_splits
-from ..pipeline.config import DownloadStage
+from ..data.splits import DataError, save_splits
+from ..pipeline.config import ConfigError, DownloadStage, from_plain
 from ..pipeline.files import stage_lock
 
 
-def run_download(cfg: DownloadStage, out: Path) -> dict:
+def run_download(cfg: Union[DownloadStage, Mapping], out: Path) -> dict:
     """Prepare the splits of ``cfg.dataset`` and write them to ``out``; returns their meta.
 
     ``out`` is written only after everything succeeded (atomic rename), so a failure
     never leaves a partial file nor replaces a good one.
     """
+    if not isinstance(cfg, DownloadStage):
+        try:
+            cfg = from_plain(DownloadStage, dict(cfg), "download configuration")
+        except (ConfigError, TypeError, ValueError) as e:
+            raise DataError(str(e)) from None
     with stage_lock(out, "download"):
         splits = prepare_splits(cfg.dataset)
         splits.meta["experiment"] = cfg.name

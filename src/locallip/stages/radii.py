@@ -1,9 +1,9 @@
 """The radii stage: per test point, the largest radius it is certified at.
 
-Local bound (at the headline guarantee level): bisection between the global
-certificate's radius (closed form, and certified by the local certificate too,
-whose margins are never below the global ones) and ``max_radius``, to a relative
-width ``tol``; the value written is a radius at which the point *is* certified.
+Local bound (at the headline guarantee level): ``certify.certified_radius``, a
+root search on the certificate's worst-case margin up to ``max_radius``, to a
+relative width ``tol``; the value written is a radius at which the point *was*
+certified.
 Global bound: closed form, min_j margin_j / (K ||w_y - w_j||). Misclassified points
 get 0. Writes ``certify/radii.csv``; the report draws certified accuracy against
 the radius from it.
@@ -17,6 +17,7 @@ import torch
 
 from ..bounds import global_bound, penultimate
 from ..bounds.margins import margin_lower_bounds
+from ..certify import certified_radius
 from ..data.splits import load_splits, to_tensors
 from ..pipeline.checkpoints import load_model
 from ..pipeline.config import RadiiStage, RunConfig
@@ -43,46 +44,6 @@ def global_certified_radius(model, x: Tensor, y: Tensor, lipschitz: Tensor) -> T
     return torch.where(pred == y, r, torch.zeros_like(r))
 
 
-def local_certified_radius(model, x: Tensor, y: Tensor, lo: Tensor, hi: float, tol: float, kw: dict,
-                           generator: torch.Generator) -> Tensor:
-    """[B] bisection for the local certificate between ``lo`` (certified) and ``hi``."""
-    from ..certify import certify
-
-    lo = lo.clone()
-    top = torch.full_like(lo, float(hi))
-
-    def certified(idx: Tensor, radii: Tensor) -> Tensor:
-        out = torch.zeros(idx.numel(), dtype=torch.bool)
-        for r in torch.unique(radii):
-            sel = (radii == r).nonzero().squeeze(1)
-            rows = idx[sel].to(x.device)
-            c = certify(model, x[rows], y[rows], float(r), "local", generator=generator, **kw)
-            out[sel] = c.certified.cpu()
-        return out
-
-    with torch.no_grad():
-        open_ = (model(x).argmax(1) == y).cpu()  # misclassified points stay at 0
-    idx = open_.nonzero().squeeze(1)
-    if idx.numel():
-        ok = certified(idx, top[idx])
-        lo[idx[ok]] = top[idx[ok]]
-        open_[idx[ok]] = False
-    hi_t = top.clone()
-    while bool(open_.any()):
-        idx = open_.nonzero().squeeze(1)
-        width = hi_t[idx] - lo[idx]
-        done = width <= tol * hi_t[idx]
-        open_[idx[done]] = False
-        idx = idx[~done]
-        if not idx.numel():
-            break
-        mid = ((lo[idx] + hi_t[idx]) / 2)
-        ok = certified(idx, mid)
-        lo[idx] = torch.where(ok, mid, lo[idx])
-        hi_t[idx] = torch.where(ok, hi_t[idx], mid)
-    return lo
-
-
 def run_radii(cfg: RadiiStage, data: Path, model: Path, out: Path, run: RunConfig = RunConfig()) -> dict:
     with stage_lock(out, "radii"):
         if run.threads > 0:
@@ -105,8 +66,9 @@ def run_radii(cfg: RadiiStage, data: Path, model: Path, out: Path, run: RunConfi
                 pred = net(xb).argmax(1)
                 r_glob = global_certified_radius(net, xb, yb, g.lipschitz).cpu()
                 kw = dict(_local_settings(c, str(c.guarantee)), global_result=g)
-                r_loc = local_certified_radius(net, xb, yb, r_glob.to(torch.float64), cfg.max_radius, cfg.tol,
-                                               kw, gen)
+                guarantee = kw.pop("guarantee")
+                r_loc = certified_radius(net, xb, yb, guarantee=guarantee, max_radius=cfg.max_radius, rtol=cfg.tol,
+                                         generator=gen, **kw)
             for i in range(xb.shape[0]):
                 rows.append({"index": s + i, "label": int(yb[i]), "prediction": int(pred[i]),
                              "certified_radius_local": float(r_loc[i]), "certified_radius_global": float(r_glob[i])})

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ...pipeline import dag
 from ...pipeline.config import Config, plain, stage_config
-from .tables import (best_sound, calibration_lines, fmt_num, fmt_pct, fmt_radius, fmt_seconds, format_headline,
+from .tables import (calibration_lines, fmt_num, fmt_radius, fmt_seconds, format_headline,
                      headline_header, headline_rows, level_details, level_label, levels_of, markdown_table,
                      paper_rows, side_by_side)
 
@@ -133,7 +133,8 @@ def render_report(cfg: Config, main: dict, plots: Dict[str, str], baseline: Opti
     snake, stages = _reproduce(cfg, cfgs_for_dag or {name: cfg}, overrides)
     if not overrides and not unexpressible:
         add(f"These results were produced with exactly the settings `config/experiment/{name}.yaml` composes to "
-            f"(as recorded by each stage), so the whole pipeline, baseline included, is rebuilt by:")
+            f"(as recorded by each stage), so the whole pipeline{', baseline included,' if baseline else ''} is "
+            f"rebuilt by:")
     else:
         add("**Note**: these results were produced with settings that differ from what "
             f"`config/experiment/{name}.yaml` composes to now (as recorded by the stages); the stage commands "

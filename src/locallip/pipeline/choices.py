@@ -1,0 +1,78 @@
+"""The choices of the configuration, as string enums: a typo fails when the config is composed.
+
+Datasets, architectures and activations come from their registries (``data.catalog``,
+``nn.catalog``), so each list is written once.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Sequence
+
+from ..data.catalog import DATASETS
+from ..nn.catalog import ACTIVATIONS, ARCHITECTURES
+
+
+class Choice(str, Enum):
+    """A string choice: compares, hashes, formats and serialises as its value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+def _choices(name: str, values: Sequence[str]):
+    return Choice(name, [(v, v) for v in values])
+
+
+# One list per concept: the registries are the source of the choices.
+DatasetName = _choices("DatasetName", list(DATASETS))
+Arch = _choices("Arch", list(ARCHITECTURES))
+Activation = _choices("Activation", list(ACTIVATIONS))
+
+
+Bound = _choices("Bound", ["local", "global"])  # `global` is a Python keyword: Bound["global"]
+
+
+class Loss(Choice):
+    bcp_mix = "bcp_mix"
+    gloro = "gloro"
+    gloro_trades = "gloro_trades"
+
+
+class LastLayer(Choice):
+    ball = "ball"
+    ball_box = "ball_box"
+
+
+class Ramp(Choice):
+    linear = "linear"
+    log = "log"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class LocalSolver(Choice):
+    krylov = "krylov"
+    power = "power"
+
+
+class Guarantee(Choice):
+    probabilistic = "probabilistic"
+    exact = "exact"
+    estimate = "estimate"
+
+
+class Method(Choice):
+    lanczos = "lanczos"
+    power = "power"
+
+
+class DType(Choice):
+    float32 = "float32"
+    float64 = "float64"

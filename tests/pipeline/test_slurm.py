@@ -180,3 +180,25 @@ def test_smoke_pipeline_through_slurm(local_slurm, tmp_path):
     if show.returncode == 0 and show.stdout.strip():
         assert re.search(r"gres/gpu[=:]1|gres:gpu:1|gpu:1", show.stdout), show.stdout
         assert "JobState=COMPLETED" in show.stdout, show.stdout
+
+
+def test_data_parallel_training_through_slurm(local_slurm, tmp_path):
+    """run.processes=2: the train job asks SLURM for 2 GPUs on one node and runs torchrun with 2
+    processes (gloo on this CPU-only machine; the GPUs are fake)."""
+    work = copy_project(tmp_path / "project")
+    env = env_for(work, {"SLURM_CONF": local_slurm["SLURM_CONF"]})
+    env.pop("SNAKEMAKE_PROFILE", None)
+    target = "results/smoke/train/model.pt"
+    cmd = [sys.executable, "-m", "snakemake", "--profile", PROFILE, "--profile", PROFILE_LOCAL, "--verbose", target,
+           *config_args(overrides=["run.processes=2", "train.epochs=1", "train.ramp_epochs=1",
+                                   "train.diagnostics_size=0", "dataset.train_limit=200"])]
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    calls = _sbatch_calls(log)
+    assert calls.get("train"), log[-4000:]
+    assert all(re.search(r"--gpus=(\S+:)?2\b", c) for c in calls["train"]), calls["train"]
+    metrics = (work / "results" / "smoke" / "train" / "metrics.json").read_text()
+    assert '"processes": 2' in metrics
+    train_log = (work / "results" / "smoke" / "logs" / "train.log").read_text()
+    assert "best epoch 1" in train_log

@@ -338,3 +338,15 @@ def test_touched_input_with_same_content_reruns_nothing(smoke, tmp_path):
     project = clone_project(smoke, tmp_path / "p")
     touch_later(project / paths.train_metrics(SMOKE_BASELINE))
     assert planned_jobs(project, targets=()) == []
+
+
+def test_snakemake_html_report(smoke, tmp_path):
+    """`snakemake --report report.html`: the standard self-contained report, with the report, its plots
+    and the certificate tables, described by workflow/report/*.rst."""
+    project = clone_project(smoke, tmp_path / "p")
+    snakemake(project, "--report", "report.html", *smoke_config(), timeout=600)
+    html = (project / "report.html").read_text(errors="replace")
+    assert len(html) > 50_000
+    for name in ("report.md", "training.png", "bound_diagnostics.png", "certified_vs_radius.png", "radius_0.1.csv",
+                 "Certification", "locallip: certifiably robust"):
+        assert name in html, name

@@ -146,7 +146,8 @@ def _row_masks(model: nn.Module, lb) -> list:
 
 # --------------------------------------------------------------------------- 1. local <= global, local >= empirical
 
-CASES = ([(k, a, t) for k in ("2c2f", "4c3f") for a in ACTS for t in (False, True)]
+CASES = ([pytest.param(k, a, t, marks=[pytest.mark.slow] if k == "4c3f" else [])
+          for k in ("2c2f", "4c3f") for a in ACTS for t in (False, True)]
          + [(k, a, t) for k in ("dense", "conv", "dense1", "conv1") for a in ACTS for t in (False, True)])
 
 
@@ -291,7 +292,8 @@ def _check_op_against_matrix(op, gen):
     return m
 
 
-@pytest.mark.parametrize("spec", CONVS, ids=[f"conv{i}" for i in range(len(CONVS))])
+@pytest.mark.parametrize("spec", [pytest.param(c, marks=[pytest.mark.slow] if i else []) for i, c in enumerate(CONVS)],
+                         ids=[f"conv{i}" for i in range(len(CONVS))])
 def test_conv_operator_matches_explicit_matrix(spec):
     op = _conv_op(*spec)
     m = _check_op_against_matrix(op, torch.Generator().manual_seed(7))
@@ -302,7 +304,7 @@ def test_conv_operator_matches_explicit_matrix(spec):
     assert torch.allclose(m, ref, atol=1e-14)
 
 
-@pytest.mark.parametrize("fn", ["power", "lanczos"])
+@pytest.mark.parametrize("fn", [pytest.param("power", marks=pytest.mark.slow), "lanczos"])
 def test_float32_work_dtype_sigma_is_from_below(fn):
     op = _conv_op(*CONVS[7])
     m = explicit_matrix(op)
@@ -404,6 +406,7 @@ def test_dense_operator_matches_explicit_matrix():
     _check_op_against_matrix(op, torch.Generator().manual_seed(2))
 
 
+@pytest.mark.slow
 def test_normalize_is_folded_into_first_layer():
     std = (0.25, 0.5)
     norm = Normalize((0.4, 0.6), std).to(DT)
@@ -468,7 +471,9 @@ def _local_norm_cases():
         for work_dtype in (None, torch.float32):
             for normalize in (False, True):
                 for act in ("relu", "clipped_maxmin"):
+                    slow = method == "power" and work_dtype is not None  # float32 power iteration: ~20 s
                     cases.append(pytest.param(normalize, act, work_dtype, method,
+                                              marks=[pytest.mark.slow] if slow else [],
                                               id=f"{method}-{'f32' if work_dtype else 'f64'}-{act}-norm{int(normalize)}"))
     return cases
 

@@ -15,7 +15,7 @@ rule certify:
         f"{LOGS}/certify_{{radius}}.log",
     threads: 1
     resources:
-        gpu=1,
+        gpu=gpus,
         mem_mb=8000,
         runtime=240,
     conda:

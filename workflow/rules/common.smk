@@ -48,7 +48,17 @@ def stage_inputs(stage):
 
 def stage_command(stage):
     """params: function -> the job's command line (its settings inline, tracked as a param)."""
-    return lambda wildcards: dag.shell(dag.command(_job(stage, wildcards), "json"))
+    return lambda wildcards: dag.shell(dag.command(_job(stage, wildcards), "json",
+                                                   processes=processes(wildcards)))
+
+
+def processes(wildcards):
+    """run.processes of the experiment: data-parallel processes (GPUs) of train, certify and radii."""
+    return EXPERIMENT_CONFIGS[wildcards.experiment].run.processes
+
+
+def gpus(wildcards):
+    return max(1, processes(wildcards))
 
 
 def output_patterns(stage):

@@ -11,7 +11,7 @@ rule radii:
         f"{LOGS}/radii.log",
     threads: 1
     resources:
-        gpu=1,
+        gpu=gpus,
         mem_mb=8000,
         runtime=240,
     conda:

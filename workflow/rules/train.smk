@@ -11,7 +11,7 @@ rule train:
         f"{LOGS}/train.log",
     threads: 2
     resources:
-        gpu=1,
+        gpu=gpus,
         mem_mb=16000,
         runtime=24 * 60,
     conda:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Tuple
@@ -112,7 +113,7 @@ def load_splits(path) -> Splits:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:  # zip/CRC/format errors come in many types
-        if "allow_pickle" in str(e):
+        if "allow_pickle" in str(e) and zipfile.is_zipfile(path):
             raise DataError(f"{path} holds Python objects (pickled arrays); refused, since loading them could run "
                             f"code. A splits file holds only numbers") from None
         raise DataError(f"cannot read splits file {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None

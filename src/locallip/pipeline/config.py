@@ -160,6 +160,9 @@ class RunConfig:
 
     progress: bool = True  # progress bars (shown only on a terminal)
     threads: int = 0  # torch threads (0: torch's default)
+    # Data-parallel processes for train, certify and radii (torchrun; one per GPU). Results match a
+    # single process within float tolerance (training) or exactly (certification).
+    processes: int = 1
 
 
 @dataclass

@@ -335,15 +335,22 @@ _FLAGS = {
 }
 
 
+#: Stages that run data-parallel under torchrun when ``run.processes`` > 1.
+PARALLEL_STAGES = ("train", "certify", "radii")
+
+
 def command(j: Job, source: str = "json", *, params_file: str = "params.yaml",
-            overrides: Sequence[str] = ()) -> List[str]:
+            overrides: Sequence[str] = (), processes: int = 1) -> List[str]:
     """The ``locallip`` command line (argv) that runs job ``j``.
 
     source="json": the settings inline (``--cfg-json``; Snakemake tracks them as params);
     source="params": read from ``params_file`` under ``<experiment>.<stage>`` (DVC);
     source="experiment": composed again from ``config/`` (``experiment=NAME`` plus ``overrides``).
+    ``processes`` > 1 launches a parallel stage with torchrun on one node (one process per GPU).
     """
     argv = ["locallip", j.stage]
+    if processes > 1 and j.stage in PARALLEL_STAGES:
+        argv = ["torchrun", "--standalone", f"--nproc-per-node={processes}", "--no-python"] + argv
     if source == "json":
         argv += ["--cfg-json", json.dumps(j.params, sort_keys=True, separators=(",", ":"))]
     elif source == "params":

@@ -117,6 +117,7 @@ def validate(cfg: Config) -> Config:
     validate_calibrate(cfg.calibrate)
     validate_certify(cfg.certify)
     _number(cfg.run, "threads", "run", 0, integer=True)
+    _number(cfg.run, "processes", "run", 1, integer=True)
     for i, p in enumerate(cfg.report.paper):
         check_radius(p.eps, f"report.paper[{i}].eps")
     return cfg

@@ -12,6 +12,7 @@ import csv
 import io as _io
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -27,6 +28,7 @@ from ..pipeline.checkpoints import load_model
 from ..pipeline.config import CertifySettings, CertifyStage, RunConfig, plain
 from ..pipeline.dag import code_version
 from ..pipeline.files import file_digest, stage_lock, write_json, write_text
+from .distributed import Group, process_group, set_threads, shard
 
 Tensor = torch.Tensor
 
@@ -48,59 +50,69 @@ def _local_settings(cfg: CertifySettings, level: str) -> dict:
 
 
 def certify_dataset(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg: CertifySettings,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, group: Optional[Group] = None) -> dict:
     """Certify a whole split with the global bound and the local bound at every configured level,
     and audit every certified point by PGD.
 
-    ``cfg`` is the certify section: ``guarantee`` is the headline level of the local bound
-    (computed for every point); ``extra_guarantees`` are further levels reported beside it.
-    An extra "exact" level is computed only where it can change the outcome: points the
-    global certificate does not already certify and the estimate does (a sound bound is never
-    below the estimate, so a point the estimate fails cannot pass). Returns a summary dict and
-    the per-sample rows.
+    ``cfg.guarantee`` is the headline level of the local bound (computed for every point);
+    ``cfg.extra_guarantees`` are further levels reported beside it. An extra "exact" level is
+    computed only where it can change the outcome: points the global certificate does not
+    already certify and the estimate does (a sound bound is never below the estimate, so a
+    point the estimate fails cannot pass). Batch b draws its random starts from a generator
+    seeded by (``cfg.seed``, b), so the result does not depend on how batches are shared out:
+    under torchrun (``group``) each rank certifies its batches and every rank returns the
+    merged result. Returns a summary dict and the per-sample rows.
     """
-    from tqdm import tqdm
-
+    group = group or Group()
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     device = _device()
     model = model.to(device=device, dtype=dtype).eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
     g = global_bound(model, method="guaranteed", input_shape=tuple(x.shape[1:]))
+    starts = list(range(0, x.shape[0], cfg.batch_size))
+    t0 = time.perf_counter()
+    part = _certify_batches(model, x, y, radius, cfg, [starts[i] for i in shard(len(starts), group)], g, dtype,
+                            device, progress and group.main)
+    parts = group.all_gather(part)
+    return _summarize(parts, radius, cfg, g, device, dtype, time.perf_counter() - t0)
+
+
+def _certify_batches(model, x, y, radius, cfg: CertifySettings, starts: List[int], g, dtype, device,
+                     progress: bool) -> dict:
+    """Rows, timings and guarantee details of the batches beginning at ``starts``."""
+    from tqdm import tqdm
+
     headline = str(cfg.guarantee)
     extras = [str(lv) for lv in cfg.extra_guarantees if lv != headline]
     levels = [headline] + extras
-    rows, timing = [], {lv: 0.0 for lv in levels}
-    infos: Dict[str, List[dict]] = {lv: [] for lv in levels}
-    computed = {lv: 0 for lv in levels}
-    batch = cfg.batch_size
+    out = {"rows": [], "timing": {lv: 0.0 for lv in levels + ["estimate"]}, "infos": {lv: [] for lv in levels},
+           "computed": {lv: 0 for lv in levels}, "audited": 0, "broken": 0,
+           "broken_levels": {lv: 0 for lv in levels + ["global"]}, "levels": levels}
     attack = cfg.attack
-    audited = broken = 0
-    broken_levels: Dict[str, int] = {lv: 0 for lv in levels + ["global"]}
-    t0 = time.perf_counter()
-    bar = tqdm(range(0, x.shape[0], batch), desc=f"certify r={radius:g}", disable=None if progress else True,
-               unit="batch")
-    for start in bar:
-        xb = x[start:start + batch].to(device=device, dtype=dtype)
-        yb = y[start:start + batch].to(device)
+    for start in tqdm(starts, desc=f"certify r={radius:g}", disable=None if progress else True, unit="batch"):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start)
+        xb = x[start:start + cfg.batch_size].to(device=device, dtype=dtype)
+        yb = y[start:start + cfg.batch_size].to(device)
         glo = certify(model, xb, yb, radius, "global", global_result=g)
         certs: Dict[str, Certificate] = {}
+        everyone = torch.arange(xb.shape[0], device=device)
+        if "exact" in extras or "estimate" in levels:  # the estimate decides where exact can matter
+            t1 = time.perf_counter()
+            certs["estimate"] = _certify_subset(model, xb, yb, radius, everyone, glo, gen, g,
+                                                _local_settings(cfg, "estimate"))
+            out["timing"]["estimate"] += time.perf_counter() - t1
         for lv in levels:
-            kw = _local_settings(cfg, lv)
-            idx = torch.arange(xb.shape[0], device=device)
+            if lv == "estimate":
+                out["computed"][lv] += xb.shape[0]
+                continue
+            idx = everyone
             if lv == "exact" and lv != headline:
-                if "estimate" not in certs:
-                    t1 = time.perf_counter()
-                    certs["estimate"] = certify(model, xb, yb, radius, "local", generator=gen, global_result=g,
-                                                **_local_settings(cfg, "estimate"))
-                    timing.setdefault("estimate", 0.0)
-                    timing["estimate"] += time.perf_counter() - t1
                 idx = (glo.correct & ~glo.robust & certs["estimate"].robust).nonzero().squeeze(1)
             t1 = time.perf_counter()
-            certs[lv] = _certify_subset(model, xb, yb, radius, idx, glo, gen, g, kw)
-            timing[lv] += time.perf_counter() - t1
-            computed[lv] += int(idx.numel())
+            certs[lv] = _certify_subset(model, xb, yb, radius, idx, glo, gen, g, _local_settings(cfg, lv))
+            out["timing"][lv] += time.perf_counter() - t1
+            out["computed"][lv] += int(idx.numel())
             if certs[lv].info:
-                infos[lv].append(certs[lv].info)
+                out["infos"][lv].append(certs[lv].info)
         loc = certs[headline]
         check = glo.robust.clone()
         for lv in levels:
@@ -112,13 +124,13 @@ def certify_dataset(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg: 
                 am = pgd_l2(model, xb[idx], loc.prediction[idx], radius, steps=attack.steps,
                             restarts=attack.restarts, step_size=attack.step_size, generator=gen)
             attack_margin[idx] = am
-            audited += int(idx.numel())
+            out["audited"] += int(idx.numel())
             hit = torch.zeros_like(check)
             hit[idx] = am <= 0
-            broken += int(hit.sum())
+            out["broken"] += int(hit.sum())
             for lv in levels:
-                broken_levels[lv] += int((hit & certs[lv].robust).sum())
-            broken_levels["global"] += int((hit & glo.robust).sum())
+                out["broken_levels"][lv] += int((hit & certs[lv].robust).sum())
+            out["broken_levels"]["global"] += int((hit & glo.robust).sum())
         for i in range(xb.shape[0]):
             row = {"index": start + i, "label": int(yb[i]), "prediction": int(loc.prediction[i]),
                    "worst_margin_local": _finite(loc.worst_margin[i]), "worst_margin_global": _finite(glo.worst_margin[i]),
@@ -131,8 +143,20 @@ def certify_dataset(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg: 
                 row[f"worst_margin_{lv}"] = _finite(c.worst_margin[i])
                 row[f"bound_{lv}"] = _finite(c.bound[i])
             row["attack_margin"] = _finite(attack_margin[i])  # empty where the point was not attacked
-            rows.append(row)
-        bar.set_postfix(cert=f"{sum(r['certified_local'] for r in rows) / len(rows):.3f}")
+            out["rows"].append(row)
+    return out
+
+
+def _summarize(parts: List[dict], radius: float, cfg: CertifySettings, g, device, dtype, elapsed: float) -> dict:
+    """Merge the ranks' partial results (one part on a single process) into the summary and rows."""
+    levels = parts[0]["levels"]
+    headline = levels[0]
+    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: r["index"])
+    timing = {lv: max(p["timing"][lv] for p in parts) for lv in parts[0]["timing"]}
+    computed = {lv: sum(p["computed"][lv] for p in parts) for lv in levels}
+    infos = {lv: [i for p in parts for i in p["infos"][lv]] for lv in levels}
+    broken_levels = {lv: sum(p["broken_levels"][lv] for p in parts) for lv in parts[0]["broken_levels"]}
+    audited, broken = sum(p["audited"] for p in parts), sum(p["broken"] for p in parts)
     n = len(rows)
     ratios = torch.tensor([r["bound_local"] / r["bound_global"] for r in rows
                            if r["bound_local"] is not None and r["bound_global"]], dtype=torch.float64)
@@ -158,12 +182,13 @@ def certify_dataset(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg: 
         "median_bound_ratio": float(ratios.median()) if ratios.numel() else None,
         "not_converged": sum(not r["converged"] for r in rows),
         "samples_per_s": n / max(timing[headline], 1e-9),
-        "time_s": time.perf_counter() - t0,
+        "time_s": elapsed,
+        "processes": len(parts),
         "device": str(device), "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
         "guarantee": {"local": local_levels[headline]["guarantee"], "global": GUARANTEED},
         "levels": local_levels,
         "global_lipschitz": float(g.lipschitz),
-        "attack": {"steps": attack.steps, "restarts": attack.restarts, "step_size": attack.step_size,
+        "attack": {"steps": cfg.attack.steps, "restarts": cfg.attack.restarts, "step_size": cfg.attack.step_size,
                    "checked": audited, "broken": broken, "broken_by_level": broken_levels},
     }
     return {"summary": summary, "rows": rows}
@@ -269,21 +294,29 @@ def rows_to_csv(rows: List[dict]) -> str:
 
 def run_certify(cfg: CertifyStage, data: Path, model: Path, out: Path, table: Path,
                 run: RunConfig = RunConfig()) -> dict:
-    """Certify stage: test split at ``cfg.radius`` -> summary JSON + per-sample CSV."""
-    with stage_lock(out, "certify"):
-        if run.threads > 0:
-            torch.set_num_threads(run.threads)
-        return _certify(cfg, Path(data), Path(model), Path(out), Path(table), run)
+    """Certify stage: test split at ``cfg.radius`` -> summary JSON + per-sample CSV.
+
+    Under torchrun the batches are shared out over the ranks and rank 0 writes the merged result.
+    """
+    with process_group() as group:
+        with (stage_lock(out, "certify") if group.main else nullcontext()):
+            set_threads(run.threads, group)
+            result = _certify(cfg, Path(data), Path(model), Path(out), Path(table), run, group)
+        group.barrier()
+    return result
 
 
-def _certify(cfg: CertifyStage, data: Path, model: Path, out: Path, table: Path, run: RunConfig) -> dict:
+def _certify(cfg: CertifyStage, data: Path, model: Path, out: Path, table: Path, run: RunConfig,
+             group: Group) -> dict:
     radius = cfg.radius
     splits = load_splits(data)
     net, ckpt = load_model(model)
     x, y = to_tensors(splits.test_x, splits.test_y)
     if tuple(x.shape[1:]) != tuple(net.input_shape):
         raise ValueError(f"test images of shape {tuple(x.shape[1:])} do not fit the model input {net.input_shape}")
-    result = certify_dataset(net, x, y, radius, cfg.certify, progress=run.progress)
+    result = certify_dataset(net, x, y, radius, cfg.certify, progress=run.progress, group=group)
+    if not group.main:
+        return result["summary"]
     s = result["summary"]
     s["experiment"] = cfg.name
     s["bound_used_for_training"] = ckpt.get("train", {}).get("bound", "unknown")

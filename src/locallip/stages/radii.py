@@ -11,6 +11,7 @@ the radius from it.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from ..pipeline.checkpoints import load_model
 from ..pipeline.config import RadiiStage, RunConfig
 from ..pipeline.files import stage_lock, write_text
 from .certify import _device, _local_settings, rows_to_csv
+from .distributed import Group, process_group, set_threads, shard
 
 Tensor = torch.Tensor
 
@@ -45,34 +47,44 @@ def global_certified_radius(model, x: Tensor, y: Tensor, lipschitz: Tensor) -> T
 
 
 def run_radii(cfg: RadiiStage, data: Path, model: Path, out: Path, run: RunConfig = RunConfig()) -> dict:
-    with stage_lock(out, "radii"):
-        if run.threads > 0:
-            torch.set_num_threads(run.threads)
-        t0 = time.perf_counter()
-        splits = load_splits(data)
-        net, _ = load_model(model)
-        x, y = to_tensors(splits.test_x, splits.test_y)
-        c = cfg.certify
-        dtype = torch.float64 if c.dtype == "float64" else torch.float32
-        device = _device()
-        net = net.to(device=device, dtype=dtype).eval()
-        g = global_bound(net, input_shape=tuple(x.shape[1:]))
-        gen = torch.Generator().manual_seed(c.seed)
-        rows = []
-        for s in range(0, x.shape[0], c.batch_size):
-            xb = x[s:s + c.batch_size].to(device=device, dtype=dtype)
-            yb = y[s:s + c.batch_size].to(device)
-            with torch.no_grad():
-                pred = net(xb).argmax(1)
-                r_glob = global_certified_radius(net, xb, yb, g.lipschitz).cpu()
-                kw = dict(_local_settings(c, str(c.guarantee)), global_result=g)
-                guarantee = kw.pop("guarantee")
-                r_loc = certified_radius(net, xb, yb, guarantee=guarantee, max_radius=cfg.max_radius, rtol=cfg.tol,
-                                         generator=gen, **kw)
-            for i in range(xb.shape[0]):
-                rows.append({"index": s + i, "label": int(yb[i]), "prediction": int(pred[i]),
-                             "certified_radius_local": float(r_loc[i]), "certified_radius_global": float(r_glob[i])})
+    """Radii stage: per test point, the largest certified radius -> CSV. Sharded under torchrun."""
+    with process_group() as group:
+        with (stage_lock(out, "radii") if group.main else nullcontext()):
+            set_threads(run.threads, group)
+            result = _radii(cfg, Path(data), Path(model), Path(out), group)
+        group.barrier()
+    return result
+
+
+def _radii(cfg: RadiiStage, data: Path, model: Path, out: Path, group: Group) -> dict:
+    t0 = time.perf_counter()
+    splits = load_splits(data)
+    net, _ = load_model(model)
+    x, y = to_tensors(splits.test_x, splits.test_y)
+    c = cfg.certify
+    dtype = torch.float64 if c.dtype == "float64" else torch.float32
+    device = _device()
+    net = net.to(device=device, dtype=dtype).eval()
+    g = global_bound(net, input_shape=tuple(x.shape[1:]))
+    starts = list(range(0, x.shape[0], c.batch_size))
+    rows = []
+    for s in (starts[i] for i in shard(len(starts), group)):
+        gen = torch.Generator().manual_seed(c.seed * 1_000_003 + s)
+        xb = x[s:s + c.batch_size].to(device=device, dtype=dtype)
+        yb = y[s:s + c.batch_size].to(device)
+        with torch.no_grad():
+            pred = net(xb).argmax(1)
+            r_glob = global_certified_radius(net, xb, yb, g.lipschitz).cpu()
+            kw = dict(_local_settings(c, str(c.guarantee)), global_result=g)
+            guarantee = kw.pop("guarantee")
+            r_loc = certified_radius(net, xb, yb, guarantee=guarantee, max_radius=cfg.max_radius, rtol=cfg.tol,
+                                     generator=gen, **kw)
+        for i in range(xb.shape[0]):
+            rows.append({"index": s + i, "label": int(yb[i]), "prediction": int(pred[i]),
+                         "certified_radius_local": float(r_loc[i]), "certified_radius_global": float(r_glob[i])})
+    rows = sorted((r for part in group.all_gather(rows) for r in part), key=lambda r: r["index"])
+    if group.main:
         write_text(out, rows_to_csv(rows))
-    print(f"[radii] {cfg.name}: {len(rows)} points, local bound at the {c.guarantee} level, up to radius "
-          f"{cfg.max_radius:g} ({time.perf_counter() - t0:.1f}s) -> {out}")
+        print(f"[radii] {cfg.name}: {len(rows)} points, local bound at the {c.guarantee} level, up to radius "
+              f"{cfg.max_radius:g} ({time.perf_counter() - t0:.1f}s) -> {out}")
     return {"n": len(rows)}

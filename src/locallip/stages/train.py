@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -22,6 +23,7 @@ from ..bounds import (converged_layer_norms, global_bound, global_margins, local
                       network_layers, penultimate)
 from ..certify import evaluate
 from ..data.splits import augment, load_splits, to_tensors
+from .distributed import Group, process_group, set_threads
 from ..losses import bcp_mix_loss, gloro_loss, gloro_trades_loss, sparsity_loss
 from ..nn.activations import clamp_thresholds, threshold_mean
 from ..nn.models import LipschitzNet, build_model
@@ -137,14 +139,35 @@ def robust_loss(model: LipschitzNet, x: Tensor, y: Tensor, eps: float, kappa: fl
     return loss + extra, stats
 
 
+class Objective(torch.nn.Module):
+    """The training loss as a module, so that DistributedDataParallel can wrap it (its forward
+    prepares the gradient all-reduce). An empty shard gives a zero loss that still reaches every
+    parameter, so every rank joins the all-reduce."""
+
+    def __init__(self, model: LipschitzNet, tc: TrainConfig):
+        super().__init__()
+        self.model, self.tc = model, tc
+
+    def forward(self, x: Tensor, y: Tensor, eps: float, kappa: float):
+        if x.shape[0] == 0:
+            return sum((p * 0).sum() for p in self.model.parameters()), {}
+        return robust_loss(self.model, x, y, eps, kappa, self.tc)
+
+
 def train_step(model: LipschitzNet, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, eps: float, kappa: float,
-               tc: TrainConfig) -> Tuple[float, Dict[str, object]]:
-    """One optimisation step on (x, y); thresholds kept >= 0. Returns the loss and statistics."""
-    loss, stats = robust_loss(model, x, y, eps, kappa, tc)
+               tc: TrainConfig, objective: Optional[torch.nn.Module] = None,
+               scale: float = 1.0) -> Tuple[float, Dict[str, object]]:
+    """One optimisation step on (x, y); thresholds kept >= 0. Returns the loss and statistics.
+
+    ``objective``: the loss module wrapped for data parallelism (None: this process alone);
+    ``scale``: this shard's share of the global batch times the number of ranks, so that the
+    averaged gradient is the gradient of the global batch mean.
+    """
+    loss, stats = (objective or Objective(model, tc))(x, y, eps, kappa)
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"loss {float(loss)} at eps {eps:.4g}")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * scale if scale != 1.0 else loss).backward()
     opt.step()
     clamp_thresholds(model)
     return float(loss.detach()), stats
@@ -153,11 +176,11 @@ def train_step(model: LipschitzNet, opt: torch.optim.Optimizer, x: Tensor, y: Te
 # --------------------------------------------------------------------------- the stage
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no CUDA device is available")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -202,20 +225,27 @@ def run_train(cfg: TrainStage, data: Path, out: Path, metrics: Path, state: Path
     """Train stage: splits -> best checkpoint (by validation certified accuracy) + metrics JSON.
 
     Holds a lock on ``out`` for the whole run: a second run on the same output fails at once.
+    Under torchrun each rank trains on its shard of every batch (gradients averaged over the
+    global batch); rank 0 validates, chooses the epoch and writes every file.
     """
-    with stage_lock(out, "train"):
-        return _train(cfg, Path(data), Path(out), Path(metrics), Path(state), run)
+    with process_group(str(cfg.train.device)) as group:
+        with (stage_lock(out, "train") if group.main else nullcontext()):
+            result = _train(cfg, Path(data), Path(out), Path(metrics), Path(state), run, group)
+        group.barrier()
+    return result
 
 
-def _train(cfg: TrainStage, data: Path, out: Path, metrics: Path, state: Path, run: RunConfig) -> dict:
+def _train(cfg: TrainStage, data: Path, out: Path, metrics: Path, state: Path, run: RunConfig, group: Group) -> dict:
     from tqdm import tqdm
 
     tc = cfg.train
-    if run.threads > 0:
-        torch.set_num_threads(run.threads)
+    set_threads(run.threads, group)
     splits = load_splits(data)
-    device = _device(tc.device)
-    x_train, y_train = to_tensors(splits.train_x, splits.train_y)
+    device = _device(tc.device, group.local_rank)
+    # uint8 images, converted per batch; on a GPU they live on it (CIFAR-10: 150 MB), so batches
+    # and augmentation never wait on host transfers.
+    x_train = torch.from_numpy(splits.train_x).to(device)
+    y_train = torch.from_numpy(splits.train_y).to(device)
     x_val, y_val = to_tensors(splits.val_x, splits.val_y)
     version = code_version("train")
     signature = {"settings": plain(cfg), "data": splits.meta.get("sha256", splits.meta.get("sizes")),
@@ -224,6 +254,12 @@ def _train(cfg: TrainStage, data: Path, out: Path, metrics: Path, state: Path, r
     torch.manual_seed(tc.seed)
     model = build_for_data(cfg, splits.meta).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    objective = None
+    if group.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        objective = DistributedDataParallel(Objective(model, tc), device_ids=[device.index] if device.type == "cuda"
+                                            else None)
     gen = torch.Generator().manual_seed(tc.seed)
     best_path = state.with_name("best.pt")
     resumed = _resume(state, signature, tc.epochs, model, opt, gen, device, cfg.name)
@@ -240,45 +276,48 @@ def _train(cfg: TrainStage, data: Path, out: Path, metrics: Path, state: Path, r
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.perf_counter()
         model.train()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, tc)
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(epoch, tc)
         perm = torch.randperm(n, generator=gen)
         total, fixed, fixed_layers, count = 0.0, [], [], 0
         bar = tqdm(range(steps), desc=f"{cfg.name} epoch {epoch + 1}/{tc.epochs}",
-                   disable=None if run.progress else True, unit="step", leave=False)
+                   disable=None if (run.progress and group.main) else True, unit="step", leave=False)
         for i in bar:
-            idx = perm[i * bs:(i + 1) * bs]
-            xb, yb = x_train[idx], y_train[idx]
-            if tc.augment:
+            idx = perm[i * bs:(i + 1) * bs].to(device)
+            xb, yb = x_train[idx].to(torch.float32).div_(255.0), y_train[idx]
+            if tc.augment:  # the whole global batch on every rank: the generator stays in step
                 xb = augment(xb, gen)
-            xb, yb = xb.to(device), yb.to(device)
+            mine = torch.arange(group.rank, xb.shape[0], group.world, device=device)
+            xs, ys = xb[mine], yb[mine]
             progress = epoch + i / steps
             eps, kappa = eps_at(progress, tc), kappa_at(progress, tc)
             try:
-                loss, stats = train_step(model, opt, xb, yb, eps, kappa, tc)
+                loss, stats = train_step(model, opt, xs, ys, eps, kappa, tc, objective=objective,
+                                         scale=xs.shape[0] * group.world / xb.shape[0])
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"training diverged at epoch {epoch + 1}, step {i + 1}: {e}; lower "
                                        f"train.lr or raise train.ramp_epochs (the resume checkpoint keeps the "
                                        f"last finished epoch)") from None
-            total += loss * xb.shape[0]
-            count += xb.shape[0]
+            total += loss * xs.shape[0]
+            count += xs.shape[0]
             if "fixed_fraction" in stats:
                 fixed.append(stats["fixed_fraction"])
                 fixed_layers.append(stats["fixed_per_layer"])
             bar.set_postfix(loss=f"{loss:.3f}", eps=f"{eps:.3f}")
         bar.close()
+        total, count = group.sum([total, float(count)])
         record = {"epoch": epoch + 1, "loss": total / max(count, 1), "eps": eps_at(epoch + 1, tc),
                   "kappa": kappa_at(epoch + 1, tc), "lr": lr_at(epoch, tc), "theta_mean": threshold_mean(model),
                   "fixed_fraction": sum(fixed) / len(fixed) if fixed else None,
                   "fixed_per_layer": [sum(c) / len(c) for c in zip(*fixed_layers)] if fixed_layers else None}
-        if tc.bound == "local" and eps_at(epoch + 1, tc) > 0 and tc.diagnostics_size > 0:
+        if group.main and tc.bound == "local" and eps_at(epoch + 1, tc) > 0 and tc.diagnostics_size > 0:
             record.update(bound_diagnostics(model, x_val[:tc.diagnostics_size].to(device), eps_at(epoch + 1, tc),
                                             tc, seed=tc.seed))
         # Only epochs that reached the full training radius compete for "best" (earlier ones are
         # trained for a smaller eps), so only those are certified on the validation split.
         last = epoch + 1 == tc.epochs
         eligible = ramp_progress(epoch + 1, tc) >= 1.0 or last
-        if eligible and ((epoch + 1) % tc.val_every == 0 or last):
+        if group.main and eligible and ((epoch + 1) % tc.val_every == 0 or last):
             model.eval()
             ev = evaluate(model, x_val, y_val, tc.eps, tc.bound, max_iter=tc.val_max_iter, tol=1e-3)
             record.update(val_clean_acc=ev["clean_acc"], val_certified_acc=ev["certified_acc"])
@@ -289,6 +328,8 @@ def _train(cfg: TrainStage, data: Path, out: Path, metrics: Path, state: Path, r
             record.update(val_clean_acc=None, val_certified_acc=None)
         record["time_s"] = time.perf_counter() - t0
         history.append(record)
+        if not group.main:
+            continue
         save_checkpoint(state, {"format": STATE_FORMAT, "spec": dict(model.spec),
                                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                                 "optimizer": opt.state_dict(), "generator": gen.get_state(),
@@ -299,6 +340,8 @@ def _train(cfg: TrainStage, data: Path, out: Path, metrics: Path, state: Path, r
         print(f"[train] {cfg.name} epoch {epoch + 1}/{tc.epochs}: loss {record['loss']:.4f} "
               f"eps {record['eps']:.3f}{val} ({record['time_s']:.1f}s)", flush=True)
 
+    if not group.main:
+        return {}
     best_model, best_ck = load_model(best_path)
     save_model(out, best_model, train=plain(tc), epoch=best["epoch"], validation=best_ck.get("validation", {}),
                experiment=cfg.name, code_version=version, settings=plain(cfg))
@@ -306,7 +349,7 @@ def _train(cfg: TrainStage, data: Path, out: Path, metrics: Path, state: Path, r
                "best_validation": best, "device": str(device), "torch": torch.__version__,
                "train_time_s": time.perf_counter() - t_start, "bound": str(tc.bound), "loss": str(tc.loss),
                "params": sum(p.numel() for p in model.parameters()), "train_size": n, "code_version": version,
-               "settings": plain(cfg)}
+               "settings": plain(cfg), "processes": group.world}
     write_json(metrics, summary)
     print(f"[train] {cfg.name}: best epoch {best['epoch']} (validation certified {best['certified_acc']:.4f}, "
           f"clean {best['clean_acc']:.4f}) -> {out}")

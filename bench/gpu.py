@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
         print(f"  {s['arch']} batch {s['batch']}: local/plain {s['local_over_plain']['median']:.2f}x, "
               f"local/GloRo {s['local_over_gloro']['median']:.2f}x", flush=True)
     cert = certification(16 if quick else 512, 1 if quick else 3, device)
-    print(f"  certification samples/s: " + ", ".join(f"{k} {v['median']:.1f}" for k, v in cert["samples_per_s"].items()),
+    print("  certification samples/s: " + ", ".join(f"{k} {v['median']:.1f}" for k, v in cert["samples_per_s"].items()),
           flush=True)
     epochs = cifar_epochs(args.epochs or (1 if quick else 3), 256 if quick else 50_000, quick)
     print(f"  CIFAR-10 6C2F: {epochs['epochs']} epochs in {epochs['wall_s']:.0f}s "

@@ -47,7 +47,7 @@ def train_step(d) -> list:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in d["settings"]:
         t, r = s["step_s"], s["ratios"]
-        lines.append(f"| {s['arch'].upper()} {'x'.join(map(str, s['input_shape']))}, batch {s['batch_size']} "
+        lines.append(f"| {s['arch'].upper()} {'x'.join(map(str, s['input_shape']))} ({s['activation']}), batch {s['batch_size']} "
                      f"| {t['plain']['median'] * 1000:.0f} ms | {t['gloro']['median'] * 1000:.0f} ms "
                      f"| {t['local']['median'] * 1000:.0f} ms | {t['local_ball']['median'] * 1000:.0f} ms "
                      f"| {_r(r['local_over_plain'])} | {_r(r['local_over_gloro'])} "
@@ -56,6 +56,11 @@ def train_step(d) -> list:
     lines.append("")
     for s in d["settings"]:
         r = s["ratios"]
+        if "local_over_local_power2" in r:
+            lines.append(f"{s['arch'].upper()} ({s['activation']}): the training bound with {s['local_steps']} Lanczos "
+                         f"steps per layer costs {_r(r['local_over_local_power2'])} x the old 2 power iterations "
+                         f"(which were {_r(r['local_power2_over_plain'])} x plain).")
+            lines.append("")
         if "local_ball_nosparsity_over_plain" in r:
             lines.append(f"{s['arch'].upper()} (config sparsity_weight {s['sparsity_weight']}): local step with "
                          f"last_layer=ball *and no sparsity loss* = {_r(r['local_ball_nosparsity_over_plain'])} x plain, "

@@ -3,12 +3,10 @@ radii are identical to one process. Runs torchrun on the CPU (no GPU needed)."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from locallip.pipeline import layout as paths
 from locallip.pipeline.checkpoints import load_model

@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 import torch
 
-from locallip.data.splits import load_splits
 from locallip.pipeline import cli
 from locallip.pipeline import layout as paths
 from locallip.pipeline.checkpoints import load_model, save_model

@@ -239,51 +239,6 @@ def _level_details(level: str, infos: List[dict], delta: float, n: int) -> dict:
     return out
 
 
-def _finite(t: Tensor) -> Optional[float]:
-    """A float for the outputs; None (empty cell, JSON null) instead of NaN or inf."""
-    v = float(t)
-    return v if math.isfinite(v) else None
-
-
-def _certify_subset(model, xb, yb, radius, idx, glo: Certificate, gen, g, kw) -> Certificate:
-    """``certify`` with the local bound on the points ``idx`` of the batch; elsewhere the global certificate."""
-    if idx.numel() == xb.shape[0]:
-        return certify(model, xb, yb, radius, "local", generator=gen, global_result=g, **kw)
-    out = Certificate(prediction=glo.prediction.clone(), correct=glo.correct.clone(), robust=glo.robust.clone(),
-                      certified=glo.certified.clone(), worst_margin=glo.worst_margin.clone(),
-                      bound=torch.full_like(glo.worst_margin, float("nan")), converged=glo.converged.clone(),
-                      iterations=[], guarantee="", kind="local", level=kw["guarantee"], info={})
-    if idx.numel():
-        c = certify(model, xb[idx], yb[idx], radius, "local", generator=gen, global_result=g, **kw)
-        out.robust[idx], out.certified[idx] = c.robust, c.certified
-        out.worst_margin[idx], out.bound[idx], out.converged[idx] = c.worst_margin, c.bound, c.converged
-        out.iterations, out.guarantee, out.info = c.iterations, c.guarantee, c.info
-    return out
-
-
-def _level_details(level: str, infos: List[dict], delta: float, n: int) -> dict:
-    """What a level's guarantee rests on, over all batches: per layer steps and inflation, fallbacks."""
-    if level == "estimate" or not infos:
-        return {}
-    layers = []
-    for l in range(len(infos[0].get("layers", []))):
-        per = [i["layers"][l] for i in infos if len(i.get("layers", [])) > l]
-        entry = {"side": per[0].get("side"), "global_fallback": sum(p.get("global_fallback", 0) for p in per)}
-        if level == "probabilistic":
-            infl = [p["inflation_max"] for p in per if p.get("inflation_max") is not None]
-            entry.update(steps=per[0]["steps"], n_max=per[0]["n_max"],
-                         inflation_max=max(infl) if infl else None,
-                         fp_margin_max=max(p["fp_margin_max"] for p in per))
-        else:
-            entry.update(proven=sum(p.get("proven", 0) for p in per))
-        layers.append(entry)
-    out = {"layers": layers}
-    if level == "probabilistic":
-        out.update(delta=delta, delta_layer=infos[0].get("delta_layer"),
-                   expected_false_certificates_at_most=n * delta)
-    return out
-
-
 def rows_to_csv(rows: List[dict]) -> str:
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))

@@ -113,42 +113,43 @@ def train_step(d) -> list:
 
 
 def certify(d) -> list:
-    sp, acc, t = d["samples_per_s"], d["certified_acc"], d["targets"]
-    f = d["fast_settings"]
+    sp, acc, t, su = d["samples_per_s"], d["certified_acc"], d["targets"], d["speedup_over_reference"]
+    levels = [lv for lv in ("probabilistic", "exact", "estimate") if lv in sp]
+    what = {"probabilistic": "probabilistic (P(false) <= {delta:g} per point, inflation <= {inflation:g})",
+            "exact": "exact (Cholesky proof, global fallback)", "estimate": "estimate ({method}, tol {tol:g}; not a guarantee)"}
     lines = ["### Certification throughput (`python -m bench.certify_throughput`)", "",
              f"_{_machine(d)}._", "",
              f"Model: {d['model'].get('source')} ({d['model'].get('arch')}, {d['model'].get('activation')}, "
-             f"epoch {d['model'].get('epoch')}); {d['n']} test points at eps {d['eps']:g}, {d['dtype'].replace('torch.', '')}, "
-             f"batch {d['batch_size']}, {d['seconds']['fast']['n']} interleaved rounds.", "",
-             "| settings | samples/s | certified acc |", "|---|---|---|",
-             f"| fast: {f['method']}, tol {f['tol']:g}, max_iter {f['max_iter']} | {_r(sp['fast'], '{:.1f}')} "
-             f"| {100 * acc['fast']:.2f}% |",
-             f"| reference: power, tol 0 (exactly 2000 iterations/layer) | {_r(sp['reference'], '{:.2f}')} "
-             f"| {100 * acc['reference']:.2f}% |", "",
-             f"Speed-up {_r(d['speedup'], '{:.1f}')}x (target >= {t['speedup']['target_min']:g}x: "
-             f"{_met(t['speedup']['met'])}); certified-accuracy gap {d['certified_acc_gap_points']:.2f} points "
-             f"(<= {t['accuracy_agreement']['max_gap_points']}: {_met(t['accuracy_agreement']['met'])}); "
-             f"per-sample certificates agree on {100 * d['per_sample_certificate_agreement']:.1f}%; "
-             f"fast bound / reference bound - 1: median {d['bound_rel_diff_fast_vs_reference']['median']:.1e}, "
-             f"max {d['bound_rel_diff_fast_vs_reference']['max']:.1e}; Lanczos applications per layer "
-             f"(max over a batch) {d['fast_iterations_per_layer_max']}; not converged {d['fast_not_converged']}.",
-             "",
-             f"tol=0 check: {d['tol0_iteration_check']['A_applications']} applications of A and "
-             f"{d['tol0_iteration_check']['AT_applications']} of A^T over {d['tol0_iteration_check']['layers']} layers "
-             f"= exactly {d['tol0_iteration_check']['max_iter']} iterations per layer "
-             f"(+1 final norm evaluation): {'ok' if d['tol0_iteration_check']['ok'] else 'FAILED'}.", ""]
+             f"epoch {d['model'].get('epoch')}); {d['n']} test points at eps {d['eps']:g}, "
+             f"{d['dtype'].replace('torch.', '')}, batch {d['batch_size']}, "
+             f"{d['seconds']['reference']['n']} interleaved rounds.", "",
+             "| local-bound level | samples/s | x reference | certified acc | per-sample agreement with reference |",
+             "|---|---|---|---|---|"]
+    for lv in levels:
+        lines.append(f"| {what[lv].format(**d['settings'][lv])} | {_r(sp[lv], '{:.1f}')} | {_r(su[lv], '{:.1f}')} "
+                     f"| {100 * acc[lv]:.2f}% | {100 * d['per_sample_agreement_with_reference'][lv]:.1f}% |")
+    lines += [f"| reference: power, tol 0 (exactly 2000 iterations/layer), estimate | {_r(sp['reference'], '{:.2f}')} "
+              f"| 1 | {100 * acc['reference']:.2f}% | - |", "",
+              f"Probabilistic vs reference: {su['probabilistic']['median']:.1f}x (target >= "
+              f"{t['speedup']['target_min']:g}x: {_met(t['speedup']['met'])}); probabilistic vs estimate certified "
+              f"accuracy gap {d['probabilistic_vs_estimate_gap_points']:.2f} points (<= "
+              f"{t['accuracy_agreement']['max_gap_points']:g}: {_met(t['accuracy_agreement']['met'])}).", "",
+              f"tol=0 check: {d['tol0_iteration_check']['A_applications']} applications of A and "
+              f"{d['tol0_iteration_check']['AT_applications']} of A^T over {d['tol0_iteration_check']['layers']} "
+              f"layers = exactly {d['tol0_iteration_check']['max_iter']} iterations per layer "
+              f"(+1 final norm evaluation): {'ok' if d['tol0_iteration_check']['ok'] else 'FAILED'}.", ""]
     w = d.get("operator_work")
     if w:
-        lines.append(f"Operator work: per sample and layer the fast setting applies A and A^T on average "
-                     f"{', '.join(f'{a:.0f}' for a in w['fast']['mean_applications_per_sample_per_layer'])} times "
-                     f"(reference: {w['reference']['mean_applications_per_sample_per_layer'][0]:.0f}); weighted by "
-                     f"each layer's multiply-adds that is **{w['operator_only_speedup']:.1f}x** less work, i.e. the "
+        lines.append(f"Operator work: per sample and layer the probabilistic level applies A and A^T "
+                     f"{', '.join(f'{a:.0f}' for a in w['probabilistic']['mean_applications_per_sample_per_layer'])} "
+                     f"times (reference: {w['reference']['mean_applications_per_sample_per_layer'][0]:.0f}); weighted "
+                     f"by each layer's multiply-adds that is **{w['operator_only_speedup']:.1f}x** less work, i.e. the "
                      f"speed-up if applying the operators were the only cost.")
         lines.append("")
-    prof = d.get("fast_profile")
+    prof = d.get("probabilistic_profile")
     if prof:
-        lines.append(f"Where the fast certification spends its time (torch.profiler, one batch of {prof['batch']}): " +
-                     ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["top_ops"][:6]) + ".")
+        lines.append(f"Where the probabilistic level spends its time (torch.profiler, one batch of {prof['batch']}): "
+                     + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["top_ops"][:6]) + ".")
         lines.append("")
     return lines
 

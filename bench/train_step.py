@@ -90,7 +90,8 @@ def make_step(model, cfg_train, x_pool, y_pool, eps: float, kappa: float,
 @contextmanager
 def instrumented(totals: Dict[str, float]):
     """Wrap the library functions a local step calls with wall-clock accumulators (inclusive times)."""
-    from locallip import bounds, train
+    from locallip.bounds import localbound, operators
+    from locallip.stages import train
 
     patches = []
 
@@ -109,10 +110,11 @@ def instrumented(totals: Dict[str, float]):
 
     wrap(train, "global_bound", "global_bound (power, 1 iter; local warm start)")
     wrap(train, "local_bound", "local_bound (total)")
-    wrap(bounds.AffineOp, "forward", "  layer forward W h + b (clean + IBP centre)")
-    wrap(bounds.AffineOp, "abs_linear", "  IBP radius |W| r")
-    wrap(bounds.AffineOp, "row_norms", "  ball radius: masked row norms")
-    wrap(bounds, "masked_operator_norm", "  masked operator norms (power iteration + sigma with grad)")
+    wrap(operators.AffineOp, "forward", "  layer forward W h + b (clean + IBP centre)")
+    wrap(operators.AffineOp, "abs_linear", "  IBP radius |W| r")
+    wrap(operators.AffineOp, "row_norms", "  ball radius: masked row norms")
+    wrap(localbound, "masked_operator_norm_krylov", "  masked operator norms (Krylov steps + sigma with grad)")
+    wrap(localbound, "masked_operator_norm", "  masked operator norms (power iteration + sigma with grad)")
     wrap(train, "local_margins", "last layer margins (ball/ball_box)")
     wrap(train, "bcp_mix_loss", "bcp_mix loss")
     try:

@@ -248,11 +248,19 @@ from pathlib import Path
 from snakemake.api import SnakemakeApi
 from snakemake.settings.types import OutputSettings, ResourceSettings, ConfigSettings
 
+class Wildcards:  # what a resource function of the default experiment receives
+    experiment = "mnist5k"
+
 def plain(res):
     out = {}
     for k in res.keys():
         v = res[k]
-        v = v.raw if hasattr(v, "raw") else v
+        if getattr(v, "is_evaluable", lambda: False)():  # a function of the job's wildcards
+            try:
+                v = v.evaluate(Wildcards(), input=[], attempt=1, threads=1, rulename="", async_run=False)
+            except Exception as err:  # one that needs a real job: keep its description
+                v = repr(err)
+        v = v.value if hasattr(v, "value") else v
         out[k] = v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
     return out
 

@@ -350,3 +350,12 @@ def test_snakemake_html_report(smoke, tmp_path):
     for name in ("report.md", "training.png", "bound_diagnostics.png", "certified_vs_radius.png", "radius_0.1.csv",
                  "Certification", "locallip: certifiably robust"):
         assert name in html, name
+
+
+def test_profiles_set_resources_are_two_level_mappings():
+    """Snakemake refuses a profile whose set-resources has a rule with no mapping (e.g. only comments)."""
+    for cfg in sorted((REPO / "workflow" / "profiles").glob("*/config.y*ml")):
+        doc = yaml.safe_load(cfg.read_text()) or {}
+        for rule, res in (doc.get("set-resources") or {}).items():
+            assert isinstance(res, dict) and res, f"{cfg}: set-resources.{rule} must be a mapping, got {res!r}"
+            assert all(isinstance(v, (int, float, str)) for v in res.values()), (cfg, rule, res)

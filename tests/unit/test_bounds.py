@@ -277,7 +277,7 @@ def _check_op_against_matrix(op, gen):
     assert torch.allclose(res_nomask.sigma, torch.linalg.svdvals(m)[:1], rtol=1e-4)
     # Iterating in float32 on a float64 layer: sigma is re-evaluated in float64 at the final vector, which
     # is unit-norm only to float32 precision (see test_float32_work_dtype_sigma_is_from_below).
-    res32 = masked_operator_norm(op, cols, rows, v0, max_iter=20000, tol=1e-8, work_dtype=torch.float32)
+    res32 = masked_operator_norm(op, cols, rows, v0, max_iter=20000, tol=1e-6, work_dtype=torch.float32)
     assert res32.sigma.dtype == DT and res32.vector.dtype == DT
     assert torch.all(res32.sigma <= exact * (1 + 1e-6))
     assert torch.allclose(res32.sigma, exact, rtol=1e-4), (res32.sigma, exact)
@@ -304,7 +304,7 @@ def test_conv_operator_matches_explicit_matrix(spec):
     assert torch.allclose(m, ref, atol=1e-14)
 
 
-@pytest.mark.parametrize("fn", [pytest.param("power", marks=pytest.mark.slow), "lanczos"])
+@pytest.mark.parametrize("fn", ["power", "lanczos"])
 def test_float32_work_dtype_sigma_is_from_below(fn):
     op = _conv_op(*CONVS[7])
     m = explicit_matrix(op)
@@ -314,7 +314,8 @@ def test_float32_work_dtype_sigma_is_from_below(fn):
     exact = exact_masked_norm(m, rows, cols)
     for b in range(8):  # one at a time (Lanczos batches have their own bug, see below)
         norm_fn = masked_operator_norm if fn == "power" else masked_operator_norm_lanczos
-        res = norm_fn(op, cols[b:b + 1], rows[b:b + 1], v0[b:b + 1], max_iter=20000, tol=1e-8,
+        # tol 1e-6: about the float32 resolution of the relative change (1e-8 never converges)
+        res = norm_fn(op, cols[b:b + 1], rows[b:b + 1], v0[b:b + 1], max_iter=20000, tol=1e-6,
                       work_dtype=torch.float32)
         assert torch.all(res.sigma <= exact[b] * (1 + 1e-12)), b
 
@@ -471,9 +472,7 @@ def _local_norm_cases():
         for work_dtype in (None, torch.float32):
             for normalize in (False, True):
                 for act in ("relu", "clipped_maxmin"):
-                    slow = method == "power" and work_dtype is not None  # float32 power iteration: ~20 s
                     cases.append(pytest.param(normalize, act, work_dtype, method,
-                                              marks=[pytest.mark.slow] if slow else [],
                                               id=f"{method}-{'f32' if work_dtype else 'f64'}-{act}-norm{int(normalize)}"))
     return cases
 
@@ -484,7 +483,7 @@ def test_local_layer_norms_against_explicit_masked_matrices(normalize, act, work
     _randomize_thresholds(model, torch.Generator().manual_seed(0))
     x = torch.rand(4, 2, 7, 7, generator=torch.Generator().manual_seed(0), dtype=DT)
     eps = torch.tensor([0.0, 0.05, 0.2, 1.0], dtype=DT)
-    tight = dict(TIGHT, tol=1e-10 if work_dtype is None else (1e-8 if method == "power" else 1e-6), method=method)
+    tight = dict(TIGHT, tol=1e-10 if work_dtype is None else 1e-6, method=method)
     below = 1e-10 if work_dtype is None else 1e-6  # float32 iterations: v is unit-norm to float32 precision
     lb = local_bound(model, x, eps, generator=torch.Generator().manual_seed(1), work_dtype=work_dtype, **tight)
     ops, _ = network_layers(model)

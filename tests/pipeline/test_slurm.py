@@ -6,7 +6,7 @@ Starts a single-node SLURM on localhost with workflow/scripts/local_slurm.sh
     snakemake --profile workflow/profiles/slurm \
               --profile workflow/profiles/slurm-local results/smoke/report.md
 
-in a temporary copy of the repository (with ``certify.radii=[0.5]`` to halve
+in a temporary copy of the repository (with one radius and one short epoch to cut
 the CPU time), and checks that the report was written, that
 train/calibrate/certify ran as SLURM jobs, and that those jobs asked SLURM for
 a GPU (``--gpus=1`` on the sbatch line, ``gres:gpu:1`` in ``scontrol``).
@@ -130,9 +130,10 @@ def test_smoke_pipeline_through_slurm(local_slurm, tmp_path):
         "--profile", PROFILE, "--profile", PROFILE_LOCAL,
         "--verbose",  # logs the sbatch command lines
         TARGET,
-        # one radius per experiment: still one certify job per experiment,
-        # half the CPU time (this test is about the SLURM path, not numbers)
-        *config_args(overrides=["certify.radii=[0.5]"]),
+        # one radius per experiment and a short training: still every job of the
+        # pipeline, a fraction of the CPU time (this test is about the SLURM path, not numbers)
+        *config_args(overrides=["certify.radii=[0.5]", "train.epochs=1", "train.ramp_epochs=1",
+                                "train.diagnostics_size=0", "dataset.train_limit=200"]),
     ]
     logfile = tmp_path / "snakemake.log"
     with open(logfile, "w") as fh:

@@ -99,7 +99,8 @@ def certification(n: int, rounds: int, device, reference_iters: int = 2000) -> d
         return run
 
     times = interleaved({k: make(k, kw) for k, kw in settings.items()}, rounds=rounds, per_round=1, warmup=0)
-    return {"n": n, "eps": eps, "reference_iters": reference_iters, "samples_per_s": {k: spread([n / t for t in v]) for k, v in times.items()},
+    return {"n": n, "eps": eps, "reference_iters": reference_iters,
+            "samples_per_s": {k: spread([n / t for t in v]) for k, v in times.items()},
             "speedup_over_reference": {k: ratios(times, "reference", k) for k in ("probabilistic", "estimate")},
             "certified_acc": certified,
             "note": "an untrained 6C2F at eps 36/255 (throughput only; its certified accuracy is not meaningful)"}

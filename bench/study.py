@@ -83,7 +83,8 @@ def run_one(tag: str, experiment: str, overrides: List[str], out: Path, threads:
            "last_epoch": {k: last.get(k) for k in ("fixed_per_layer", "fixed_per_layer_val",
                                                    "bound_ratio_layers_median", "bound_ratio_layers_worst",
                                                    "bound_ratio_median", "bound_ratio_worst", "time_s")},
-           "test_points": int(len(yt)), "val": val, "test": test, "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+           "test_points": int(len(yt)), "val": val, "test": test, "commit": git_commit(),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")

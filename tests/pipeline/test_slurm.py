@@ -34,6 +34,8 @@ PROFILE = "workflow/profiles/slurm"
 PROFILE_LOCAL = "workflow/profiles/slurm-local"
 TARGET = "results/smoke/report.md"
 GPU_RULES = ("train", "calibrate", "certify")
+# One short epoch on 200 digits: these tests check the SLURM path, not numbers.
+SHORT_TRAINING = ["train.epochs=1", "train.ramp_epochs=1", "train.diagnostics_size=0", "dataset.train_limit=200"]
 RUN_TIMEOUT_S = int(os.environ.get("LOCALLIP_SLURM_TEST_TIMEOUT", "1200"))
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -132,8 +134,7 @@ def test_smoke_pipeline_through_slurm(local_slurm, tmp_path):
         TARGET,
         # one radius per experiment and a short training: still every job of the
         # pipeline, a fraction of the CPU time (this test is about the SLURM path, not numbers)
-        *config_args(overrides=["certify.radii=[0.5]", "train.epochs=1", "train.ramp_epochs=1",
-                                "train.diagnostics_size=0", "dataset.train_limit=200"]),
+        *config_args(overrides=["certify.radii=[0.5]", *SHORT_TRAINING]),
     ]
     logfile = tmp_path / "snakemake.log"
     with open(logfile, "w") as fh:
@@ -191,8 +192,7 @@ def test_data_parallel_training_through_slurm(local_slurm, tmp_path):
     env.pop("SNAKEMAKE_PROFILE", None)
     target = "results/smoke/train/model.pt"
     cmd = [sys.executable, "-m", "snakemake", "--profile", PROFILE, "--profile", PROFILE_LOCAL, "--verbose", target,
-           *config_args(overrides=["run.processes=2", "train.epochs=1", "train.ramp_epochs=1",
-                                   "train.diagnostics_size=0", "dataset.train_limit=200"])]
+           *config_args(overrides=["run.processes=2", *SHORT_TRAINING])]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]

@@ -1,220 +1,205 @@
-"""Certification throughput of the three guarantee levels against the reference settings.
+"""Certification throughput: the cascade against one level for every point, in one run.
 
-Reference = the reference codebase's setting: a fixed 2000 power iterations per layer from
-a random start (``certify(..., guarantee="estimate", method="power", tol=0.0,
-max_iter=2000)``). Levels = ``certify(..., guarantee=...)`` with the certify stage's
-defaults: ``probabilistic`` (plain Lanczos, Kuczynski-Wozniakowski inflation, P(false)
-<= 1e-9 per point), ``exact`` (explicit Gram matrix and a Cholesky proof) and
-``estimate`` (restarted Lanczos to tol). All run on the same test points of a trained
-``mnist5k`` model (float64 model, float32 iterations, batches of
-``certify.batch_size``, the guaranteed global bound computed once outside the timed
-region, exactly as the certify stage does), interleaved round by round. Reports
-samples/s of each, the speed-up over the reference per round, and each level's
-certified accuracy (the probabilistic one must be within 1 point of the estimate).
+Baseline ("single level") = the local certificate computed at the probabilistic level for
+every point (``certify(..., cascade=False)``: masked Lanczos with the Kuczynski-Wozniakowski
+inflation on every point, combined with the global margins), the path the pipeline took
+before the cascade. Cascade = ``certify(...)`` with the certify stage's defaults: global
+margins, then the boxes on the guaranteed global norms, then (for the correct points still
+open) a from-below screen and exact / probabilistic masked norms.
 
-Also checks that ``tol=0`` runs exactly ``max_iter`` iterations in
-``masked_operator_norm`` (by counting operator applications).
+On the same test points of a trained model (float64 model, float32 iterations, batches of
+``certify.batch_size``, the guaranteed global bound computed once outside the timed region,
+as the certify stage does), both are timed over the configured radii, interleaved round
+by round; so are ``certified_radius`` with and without the cascade (each in the batches the
+radii stage gives it: ``certify.batch_size`` for one level everywhere, its best on CPU, and
+``certify.curve_batch_size`` for the cascade). Reports samples/s, the
+speed-up per round, certified accuracy per radius, per-point agreement, the points per
+cascade step (and the deterministic share), how the radii compare (never smaller than the
+single level's beyond the search tolerance), and a PGD audit of every point the cascade
+certifies.
 
-    python -m bench.certify_throughput [--quick] [--n 300] [--train]
+    python -m bench.certify_throughput [--model results/mnist5k/calibrate/model.pt] [--n 500]
 """
 from __future__ import annotations
 
-from typing import Dict
-
-from bench._common import (add_model_args, interleaved, machine_info, model_from_args, parser, ratios, set_threads,
-                           spread, write_result)
+from pathlib import Path
+from typing import Dict, List
 
 import torch
 
-TARGET_SPEEDUP = 10.0  # probabilistic level vs the reference
-MAX_ACC_GAP_POINTS = 1.0  # probabilistic vs estimate
-REFERENCE = {"guarantee": "estimate", "method": "power", "tol": 0.0, "max_iter": 2000}
+from bench._common import (REPO, add_model_args, interleaved, machine_info, model_from_args, parser, ratios,
+                           set_threads, spread, write_result)
+
+TARGET_SPEEDUP = 20.0  # cascade vs one probabilistic level for every point
+TARGET_RADIUS_SPEEDUP = 10.0
+MIN_AGREEMENT = 0.995
 
 
-def check_fixed_iterations(model, x: torch.Tensor, eps: float, max_iter: int = REFERENCE["max_iter"]) -> dict:
-    """Count operator applications of a tol=0 power iteration: must be exactly max_iter per layer."""
-    from locallip import bounds
+def _load(args):
+    """(model, x, y, cfg, info): a pipeline checkpoint (``--model``) or ``model_from_args``."""
+    if not args.model:
+        return model_from_args(args)
+    from locallip.data.splits import load_splits, to_tensors
+    from locallip.pipeline.checkpoints import load_model
+    from locallip.pipeline.config import compose
 
-    counts = {"linear": 0, "transpose": 0}
-    orig_linear, orig_transpose = bounds.AffineOp.linear, bounds.AffineOp.transpose
+    path = Path(args.model)
+    model, ck = load_model(path)
+    experiment = ck.get("experiment") or args.experiment
+    splits = load_splits(Path(args.data) if args.data else path.parents[1] / "data" / "splits.npz")
+    x, y = to_tensors(splits.test_x, splits.test_y)
+    cfg = compose(experiment, config_dir=REPO / "config")
+    info = {"source": str(path), "experiment": experiment, "epoch": ck.get("epoch"), "train": ck.get("train"),
+            "calibration": ck.get("calibration"), "arch": model.spec.get("arch"),
+            "activation": model.spec.get("activation")}
+    return model, x, y, cfg, info
 
-    def linear(self, v):
-        counts["linear"] += 1
-        return orig_linear(self, v)
 
-    def transpose(self, u):
-        counts["transpose"] += 1
-        return orig_transpose(self, u)
+def _certify_all(model, x, y, radii, g, cc, cascade: bool) -> Dict[float, object]:
+    from locallip.certify import certify
+    from locallip.certify.split import batches, level_settings
 
-    bounds.AffineOp.linear, bounds.AffineOp.transpose = linear, transpose
-    try:
-        with torch.no_grad():
-            lb = bounds.local_bound(model, x, eps, guarantee="estimate", method="power", tol=0.0, max_iter=max_iter,
-                                    generator=torch.Generator().manual_seed(0), work_dtype=torch.float32)
-    finally:
-        bounds.AffineOp.linear, bounds.AffineOp.transpose = orig_linear, orig_transpose
-    layers = len(lb.iterations)
-    # per layer: max_iter applications of A and A^T, plus one final ||A v|| in the model's dtype
-    ok = (all(i == max_iter for i in lb.iterations) and counts["transpose"] == layers * max_iter
-          and counts["linear"] == layers * (max_iter + 1) and bool(lb.converged.all()))
-    out = {"max_iter": max_iter, "layers": layers, "reported_iterations": list(lb.iterations),
-           "A_applications": counts["linear"], "AT_applications": counts["transpose"],
-           "expected_A": layers * (max_iter + 1), "expected_AT": layers * max_iter, "ok": ok}
-    if not ok:
-        raise AssertionError(f"tol=0 did not run exactly max_iter iterations: {out}")
+    kw = level_settings(cc, str(cc.guarantee))
+    kw["cascade"] = cascade
+    g.vectors = None  # the cascade's warm starts are part of its cost (once per run, as in the stage)
+    out = {}
+    for r in radii:
+        parts = []
+        for start, gen in batches(x.shape[0], cc.batch_size, cc.seed):
+            parts.append(certify(model, x[start:start + cc.batch_size], y[start:start + cc.batch_size], r, "local",
+                                 generator=gen, global_result=g, **kw))
+        out[r] = {"certified": torch.cat([c.certified for c in parts]), "step": torch.cat([c.step for c in parts]),
+                  "deterministic": torch.cat([c.deterministic for c in parts])}
     return out
 
 
-def _layer_macs(op) -> int:
-    """Multiply-adds of one application of the layer's operator to one sample."""
-    from torch import nn
+def _radii_all(model, x, y, g, cc, max_radius: float, rtol: float, cascade: bool, batch: int) -> torch.Tensor:
+    from locallip.certify import certified_radius
+    from locallip.certify.split import batches, level_settings
 
-    layer = op.layer
-    if isinstance(layer, nn.Conv2d):
-        c, kh, kw = layer.in_channels, *layer.kernel_size
-        return int(torch.Size(op.out_shape).numel()) * c * kh * kw
-    return layer.in_features * layer.out_features
-
-
-def operator_work(model, x, y, eps, g, batch: int, seed: int, settings: dict) -> dict:
-    """Sample-applications of A and A^T per layer in one certification pass, and the MAC-weighted total.
-
-    The ratio of the weighted totals (reference / fast) is the speed-up certification would
-    have if applying the masked operators were its only cost.
-    """
-    from locallip import bounds
-
-    rows: Dict[int, list] = {}
-    orig_linear, orig_transpose = bounds.AffineOp.linear, bounds.AffineOp.transpose
-
-    def count(op, n):
-        key = id(op.layer)
-        if key not in rows:
-            rows[key] = [0, _layer_macs(op)]
-        rows[key][0] += n
-
-    def linear(self, v):
-        count(self, v.shape[0])
-        return orig_linear(self, v)
-
-    def transpose(self, u):
-        count(self, u.shape[0])
-        return orig_transpose(self, u)
-
-    bounds.AffineOp.linear, bounds.AffineOp.transpose = linear, transpose
-    try:
-        certify_all(model, x, y, eps, g, batch, seed, **settings)
-    finally:
-        bounds.AffineOp.linear, bounds.AffineOp.transpose = orig_linear, orig_transpose
-    layers = list(rows.values())
-    return {"sample_applications_per_layer": [r[0] for r in layers],
-            "mean_applications_per_sample_per_layer": [r[0] / (2 * x.shape[0]) for r in layers],
-            "macs_per_application_per_layer": [r[1] for r in layers],
-            "weighted_macs": sum(r[0] * r[1] for r in layers)}
+    kw = level_settings(cc, str(cc.guarantee))
+    guarantee = kw.pop("guarantee")
+    kw.pop("cascade")
+    g.vectors = None
+    out = []
+    for start, gen in batches(x.shape[0], batch, cc.seed):
+        out.append(certified_radius(model, x[start:start + batch], y[start:start + batch],
+                                    guarantee=guarantee, max_radius=max_radius, rtol=rtol, generator=gen,
+                                    cascade=cascade, global_result=g, **kw))
+    return torch.cat(out)
 
 
-def certify_all(model, x, y, eps, g, batch: int, seed: int, **kw) -> Dict[str, object]:
-    from locallip.certify import certify
+def _audit(model, x, y, res, cc) -> Dict[str, int]:
+    from locallip.attack import pgd_l2
 
-    gen = torch.Generator().manual_seed(seed)
-    certified, bounds_, conv, iters = [], [], [], []
-    for s in range(0, x.shape[0], batch):
-        c = certify(model, x[s:s + batch], y[s:s + batch], eps, "local", generator=gen, global_result=g, **kw)
-        certified.append(c.certified)
-        bounds_.append(c.bound)
-        conv.append(c.converged)
-        iters.append(list(c.iterations))
-    return {"certified": torch.cat(certified), "bound": torch.cat(bounds_), "converged": torch.cat(conv),
-            "iterations": iters}
-
-
-def profile_fast(model, x, y, eps, g, seed: int, fast: dict, top: int = 10) -> dict:
-    """torch.profiler over one batch of the fast certification: where its time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        certify_all(model, x, y, eps, g, x.shape[0], seed, **fast)
-    avgs = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in avgs)
-    rows = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return {"batch": int(x.shape[0]), "self_cpu_s_total": total / 1e6,
-            "top_ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6,
-                         "share": e.self_cpu_time_total / max(total, 1e-9), "calls": e.count} for e in rows]}
+    checked = broken = 0
+    gen = torch.Generator().manual_seed(0)
+    for r, v in res.items():
+        idx = v["certified"].nonzero().squeeze(1)
+        if r <= 0 or not idx.numel():
+            continue
+        with torch.enable_grad():
+            m = pgd_l2(model, x[idx], y[idx], r, steps=cc.attack.steps, restarts=cc.attack.restarts,
+                       step_size=cc.attack.step_size, generator=gen)
+        checked += int(idx.numel())
+        broken += int((m <= 0).sum())
+    return {"checked": checked, "broken": broken}
 
 
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=None, help="test points (default 300, --quick 64)")
+    p.add_argument("--model", help="a pipeline checkpoint (e.g. results/mnist5k/calibrate/model.pt)")
+    p.add_argument("--data", help="its splits file (default: <experiment dir>/data/splits.npz)")
+    p.add_argument("--experiment", default="mnist5k", help="config of the certify settings (default: the checkpoint's)")
+    p.add_argument("--n", type=int, default=None, help="test points (default 500, --quick 64)")
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--no-exact", action="store_true", help="leave the exact level out (it is the slowest)")
     add_model_args(p)
     args = p.parse_args(argv)
     set_threads(args.threads)
-    n = args.n or (64 if args.quick else 300)
-    rounds = args.rounds or (1 if args.quick else 3)
+    n = args.n or (64 if args.quick else 500)
+    rounds = args.rounds or (1 if args.quick else 2)
     info = machine_info()
-    model, x_all, y_all, cfg, model_info = model_from_args(args)
+    model, x_all, y_all, cfg, model_info = _load(args)
     cc = cfg.certify
-    eps = float((model_info.get("train") or {"eps": cfg.train.eps})["eps"])
+    radii: List[float] = [float(r) for r in cc.radii]
+    max_radius = float(cc.curve_max_radius or 2 * max(radii))
     dtype = torch.float64 if cc.dtype == "float64" else torch.float32
     model = model.to(dtype).eval()
     x, y = x_all[:n].to(dtype), y_all[:n]
-    batch = cc.batch_size
-    base = {"delta": cc.delta, "inflation": cc.inflation, "steps": cc.steps, "method": str(cc.method),
-            "tol": cc.tol, "max_iter": cc.max_iter}
-    levels = ["probabilistic", "estimate"] + ([] if args.no_exact else ["exact"])
-    settings = {lv: dict(base, guarantee=lv) for lv in levels}
-    settings["reference"] = REFERENCE
 
     from locallip.bounds import global_bound
 
-    iteration_check = check_fixed_iterations(model, x[:4], eps)
-    print(f"[certify_throughput] tol=0 check: {iteration_check['A_applications']} applications of A over "
-          f"{iteration_check['layers']} layers (expected {iteration_check['expected_A']}): ok", flush=True)
     g = global_bound(model, method="guaranteed")
-    results: Dict[str, dict] = {}
+    res: Dict[str, object] = {}
 
-    def runner(name, kw):
+    def runner(name, fn):
         def run():
-            results[name] = certify_all(model, x, y, eps, g, batch, cc.seed, **kw)
+            res[name] = fn()
         return run
 
-    print(f"[certify_throughput] {n} test points, eps {eps}, {rounds} rounds; levels {levels}, reference {REFERENCE}",
-          flush=True)
-    times = interleaved({k: runner(k, kw) for k, kw in settings.items()}, rounds=rounds, per_round=1, warmup=0)
-    work = {k: operator_work(model, x, y, eps, g, batch, cc.seed, settings[k]) for k in ("probabilistic", "reference")}
-    work["operator_only_speedup"] = work["reference"]["weighted_macs"] / max(work["probabilistic"]["weighted_macs"], 1)
-    ref_iters = {i for batch_iters in results["reference"]["iterations"] for i in batch_iters}
-    assert ref_iters == {REFERENCE["max_iter"]}, f"reference ran {ref_iters} iterations, not {REFERENCE['max_iter']}"
-    acc = {k: float(r["certified"].double().mean()) for k, r in results.items()}
-    gap_points = abs(acc["probabilistic"] - acc["estimate"]) * 100
-    speed = {lv: ratios(times, "reference", lv) for lv in levels}
-    agree = {lv: float((results[lv]["certified"] == results["reference"]["certified"]).double().mean())
-             for lv in levels}
-    data = {
-        "quick": args.quick, "machine": info, "model": model_info, "n": n, "eps": eps, "dtype": str(dtype),
-        "batch_size": batch, "settings": settings,
-        "seconds": {k: spread(v) for k, v in times.items()},
-        "samples_per_s": {k: spread([n / t for t in v]) for k, v in times.items()},
-        "speedup_over_reference": speed,
-        "certified_acc": acc, "probabilistic_vs_estimate_gap_points": gap_points,
-        "per_sample_agreement_with_reference": agree,
-        "tol0_iteration_check": iteration_check,
-        "operator_work": work,
-        "targets": {"speedup": {"target_min": TARGET_SPEEDUP, "median": speed["probabilistic"]["median"],
-                                "met": speed["probabilistic"]["median"] >= TARGET_SPEEDUP},
-                    "accuracy_agreement": {"max_gap_points": MAX_ACC_GAP_POINTS, "gap_points": gap_points,
-                                           "met": gap_points <= MAX_ACC_GAP_POINTS}},
+    variants = {
+        "single_level": runner("single_level", lambda: _certify_all(model, x, y, radii, g, cc, cascade=False)),
+        "cascade": runner("cascade", lambda: _certify_all(model, x, y, radii, g, cc, cascade=True)),
+        "radius_single_level": runner("radius_single_level",
+                                      lambda: _radii_all(model, x, y, g, cc, max_radius, cc.curve_tol, False,
+                                                         cc.batch_size)),
+        "radius_cascade": runner("radius_cascade",
+                                 lambda: _radii_all(model, x, y, g, cc, max_radius, cc.curve_tol, True,
+                                                    cc.curve_batch_size)),
     }
-    if not args.quick:
-        data["probabilistic_profile"] = profile_fast(model, x[:batch], y[:batch], eps, g, cc.seed,
-                                                     settings["probabilistic"])
+    print(f"[certify_throughput] {n} test points, radii {radii}, {rounds} rounds; curve up to {max_radius:g}",
+          flush=True)
+    times = interleaved(variants, rounds=rounds, per_round=1, warmup=0)
+    slow, fast = res["single_level"], res["cascade"]
+    per_radius = {}
+    for r in radii:
+        s, f = slow[r], fast[r]
+        steps = {name: int(((f["step"] == i) & f["certified"]).sum()) for i, name in
+                 enumerate(("global", "box", "exact", "probabilistic", "estimate"))}
+        cert = int(f["certified"].sum())
+        per_radius[repr(r)] = {
+            "certified_single_level": float(s["certified"].double().mean()),
+            "certified_cascade": float(f["certified"].double().mean()),
+            "agreement": float((s["certified"] == f["certified"]).double().mean()),
+            "cascade_only": int((f["certified"] & ~s["certified"]).sum()),
+            "single_level_only": int((s["certified"] & ~f["certified"]).sum()),
+            "cascade_steps": steps,
+            "deterministic_share": float(f["deterministic"][f["certified"]].double().mean()) if cert else None,
+        }
+    r_slow, r_fast = res["radius_single_level"], res["radius_cascade"]
+    worse = r_fast < r_slow * (1 - cc.curve_tol)
+    radius_cmp = {"points": n, "smaller_beyond_tolerance": int(worse.sum()),
+                  "ratio_cascade_over_single": spread((r_fast[r_slow > 0] / r_slow[r_slow > 0]).tolist()),
+                  "mean_single_level": float(r_slow.mean()), "mean_cascade": float(r_fast.mean())}
+    audit = _audit(model, x, y, fast, cc)
+    speed, rspeed = ratios(times, "single_level", "cascade"), ratios(times, "radius_single_level", "radius_cascade")
+    n_evals = n * len(radii)
+    data = {
+        "quick": args.quick, "machine": info, "model": model_info, "n": n, "radii": radii, "dtype": str(dtype),
+        "batch_size": cc.batch_size, "max_radius": max_radius, "curve_tol": cc.curve_tol,
+        "seconds": {k: spread(v) for k, v in times.items()},
+        "samples_per_s": {k: spread([n_evals / t for t in v]) for k, v in times.items() if "radius" not in k},
+        "speedup_cascade": speed, "speedup_radius_cascade": rspeed,
+        "per_radius": per_radius, "radii_comparison": radius_cmp, "audit_of_cascade_certificates": audit,
+        "targets": {
+            "speedup": {"target_min": TARGET_SPEEDUP, "median": speed["median"], "met": speed["median"] >= TARGET_SPEEDUP},
+            "at_least_as_many": {"met": all(v["certified_cascade"] >= v["certified_single_level"]
+                                            for v in per_radius.values())},
+            "agreement": {"target_min": MIN_AGREEMENT, "min": min(v["agreement"] for v in per_radius.values()),
+                          "met": min(v["agreement"] for v in per_radius.values()) >= MIN_AGREEMENT},
+            "audit": {"broken": audit["broken"], "met": audit["broken"] == 0},
+            "radius_speedup": {"target_min": TARGET_RADIUS_SPEEDUP, "median": rspeed["median"],
+                               "met": rspeed["median"] >= TARGET_RADIUS_SPEEDUP},
+            "radii_not_smaller": {"met": radius_cmp["smaller_beyond_tolerance"] == 0}},
+    }
     sps = data["samples_per_s"]
-    for k in settings:
-        extra = f", {speed[k]['median']:.1f}x the reference" if k in speed else ""
-        print(f"  {k}: {sps[k]['median']:.1f} samples/s{extra}; certified {acc[k]:.4f}")
-    print(f"  operator work (MAC-weighted applications of A and A^T): reference / probabilistic = "
-          f"{work['operator_only_speedup']:.1f}x")
+    print(f"  single level: {sps['single_level']['median']:.1f} samples/s; cascade: {sps['cascade']['median']:.1f} "
+          f"samples/s ({speed['median']:.1f}x)")
+    for r, v in per_radius.items():
+        print(f"  r={r}: certified {v['certified_single_level']:.4f} -> {v['certified_cascade']:.4f}, agreement "
+              f"{v['agreement']:.4f}, steps {v['cascade_steps']}, deterministic {v['deterministic_share']}")
+    print(f"  certified_radius: {rspeed['median']:.1f}x faster; smaller beyond tolerance: "
+          f"{radius_cmp['smaller_beyond_tolerance']}; audit {audit['broken']}/{audit['checked']} broken")
     write_result("certify_throughput", data, args.out)
     return data
 

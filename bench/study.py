@@ -28,11 +28,11 @@ STUDY_DIR = WORK_DIR / "study"
 
 
 def _certify_split(model, x, y, radii, settings) -> Dict[str, float]:
-    from locallip.stages.certify import certify_dataset
+    from locallip.certify.split import certify_split
 
     out = {}
     for r in radii:
-        res = certify_dataset(model, x, y, float(r), settings, progress=False)
+        res = certify_split(model, x, y, float(r), settings, progress=False)
         s = res["summary"]
         out[repr(float(r))] = {"clean": s["clean_acc"], "local": s["certified_acc_local"],
                                "global": s["certified_acc_global"], "broken": s["attack"]["broken"]}

@@ -10,6 +10,9 @@ Variants, interleaved round by round (see ``bench/_common.py``):
   gloro     bound=global, loss=gloro (power_iters as configured)
   local     bound=local, loss=bcp_mix, last_layer=ball_box (the Local-Lip training step)
   local_ball  the same with last_layer=ball (shows what the BCP box intersection costs)
+  local_adaptive  the local step with train.masked_norms=adaptive (masked Lanczos only for the
+              samples and layers whose masks can change the norm by more than train.adaptive_tol)
+  bcp       the local step with train.masked_norms=never: global norms, boxes kept (BCP)
   local_power2  the local step with the old training bound (2 warm-started power iterations
               instead of ``local_steps`` Lanczos steps): what training against the certified bound costs
   local_ball_nosparsity  (only where the config has sparsity_weight > 0) last_layer=ball and no
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 
 SETTINGS = [
     # name, experiment whose train config is used, arch, input shape
+    {"name": "2c2f_mnist5k_r158", "experiment": "mnist5k_r158", "arch": "2c2f", "input_shape": (1, 28, 28)},
     {"name": "2c2f_mnist5k", "experiment": "mnist5k", "arch": "2c2f", "input_shape": (1, 28, 28)},
     {"name": "4c3f_mnist", "experiment": "mnist", "arch": "4c3f", "input_shape": (1, 28, 28)},
     {"name": "6c2f_cifar", "experiment": "cifar10", "arch": "6c2f", "input_shape": (3, 32, 32)},
@@ -113,8 +117,8 @@ def instrumented(totals: Dict[str, float]):
     wrap(operators.AffineOp, "forward", "  layer forward W h + b (clean + IBP centre)")
     wrap(operators.AffineOp, "abs_linear", "  IBP radius |W| r")
     wrap(operators.AffineOp, "row_norms", "  ball radius: masked row norms")
-    wrap(localbound, "masked_operator_norm_krylov", "  masked operator norms (Krylov steps + sigma with grad)")
-    wrap(localbound, "masked_operator_norm", "  masked operator norms (power iteration + sigma with grad)")
+    wrap(localbound, "lanczos_norm", "  masked operator norms (Krylov steps + sigma with grad)")
+    wrap(localbound, "power_iteration_norm", "  masked operator norms (power iteration + sigma with grad)")
     wrap(train, "local_margins", "last layer margins (ball/ball_box)")
     wrap(train, "bcp_mix_loss", "bcp_mix loss")
     try:
@@ -221,6 +225,10 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
         "gloro": replace(tc, bound="global", loss="gloro"),
         "local": replace(tc, bound="local", loss="bcp_mix", last_layer="ball_box"),
         "local_ball": replace(tc, bound="local", loss="bcp_mix", last_layer="ball"),
+        # masked Lanczos only where the batch's masks can change a layer's norm (train.masked_norms=adaptive)
+        "local_adaptive": replace(tc, bound="local", loss="bcp_mix", last_layer="ball_box", masked_norms="adaptive"),
+        # no masked norms at all: BCP's bound (global norms, the boxes kept)
+        "bcp": replace(tc, bound="local", loss="bcp_mix", last_layer="ball_box", masked_norms="never"),
     }
     if str(tc.local_solver) == "krylov":
         cfgs["local_power2"] = replace(tc, bound="local", loss="bcp_mix", last_layer="ball_box",
@@ -250,6 +258,10 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
             "local_ball_over_plain": ratios(times, "local_ball", "plain"),
             "local_ball_over_gloro": ratios(times, "local_ball", "gloro"),
             "local_over_local_ball": ratios(times, "local", "local_ball"),
+            "local_adaptive_over_gloro": ratios(times, "local_adaptive", "gloro"),
+            "local_adaptive_over_plain": ratios(times, "local_adaptive", "plain"),
+            "local_over_local_adaptive": ratios(times, "local", "local_adaptive"),
+            "bcp_over_gloro": ratios(times, "bcp", "gloro"),
             "gloro_over_plain": ratios(times, "gloro", "plain"),
         },
     }
@@ -280,6 +292,7 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--only", action="append", default=[], help="run only these settings (by name; repeatable)")
     args = p.parse_args(argv)
     set_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 15)
@@ -287,7 +300,8 @@ def main(argv=None) -> dict:
     profile_steps = 2 if args.quick else 6
     info = machine_info()
     t0 = time.perf_counter()
-    results = [run_setting(s, rounds, per_round, profile_steps) for s in SETTINGS]
+    chosen = [s for s in SETTINGS if not args.only or s["name"] in args.only]
+    results = [run_setting(s, rounds, per_round, profile_steps) for s in chosen]
     data = {"quick": args.quick, "machine": info, "targets": TARGETS, "settings": results,
             "method": "variants interleaved in a shuffled order each round; per-round mean step time; "
                       "ratios are per round (same load), reported as median and quartiles over rounds",

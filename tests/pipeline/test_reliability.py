@@ -139,6 +139,7 @@ def test_val_every_zero_fails_before_training(capsys, monkeypatch, tmp_path):
 
 
 def test_a_failed_audit_removes_the_old_certificate_and_blocks_the_report(smoke, tmp_path, monkeypatch):
+    import locallip.certify.split as certify_split
     import locallip.stages.certify as certify_stage
 
     project = clone_project(smoke, tmp_path / "p")
@@ -154,7 +155,7 @@ def test_a_failed_audit_removes_the_old_certificate_and_blocks_the_report(smoke,
     stage = stage_config(cfg, "certify", r)
     args = dict(data=project / paths.splits(SMOKE), model=project / paths.calibrated_model(SMOKE), out=out,
                 table=table, run=QUIET)
-    monkeypatch.setattr(certify_stage, "pgd_l2", lambda m, x, y, eps, **kw: torch.full((x.shape[0],), -1.0, dtype=x.dtype))
+    monkeypatch.setattr(certify_split, "pgd_l2", lambda m, x, y, eps, **kw: torch.full((x.shape[0],), -1.0, dtype=x.dtype))
     with pytest.raises(certify_stage.AuditFailure):
         run_certify(stage, **args)
     assert not out.exists() and not table.exists()

@@ -266,12 +266,13 @@ def test_cli_wrong_input_shape_is_reported(smoke, tmp_path, capsys, monkeypatch)
 
 def test_a_broken_certificate_fails_the_stage_loudly(smoke, tmp_path, capsys, monkeypatch):
     """If the audit attack ever breaks a certified point, certify exits non-zero and writes no result."""
+    import locallip.certify.split as certify_split
     import locallip.stages.certify as certify_stage
 
     def always_breaks(model, x, y, eps, **kw):
         return torch.full((x.shape[0],), -1.0, dtype=x.dtype)
 
-    monkeypatch.setattr(certify_stage, "pgd_l2", always_breaks)
+    monkeypatch.setattr(certify_split, "pgd_l2", always_breaks)
     monkeypatch.chdir(REPO)
     out = tmp_path / "c.json"
     rc, err = _run_cli(["certify", "--cfg-json", json.dumps(plain(_certify_cfg(smoke, 0.1))),

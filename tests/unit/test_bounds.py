@@ -22,7 +22,7 @@ from torch import nn
 
 from locallip.nn.activations import make_activation
 from locallip.bounds import (AffineOp, bottom_logit, global_bound, global_margins, local_bound, local_margins,
-                             margin_lower_bounds, masked_operator_norm, masked_operator_norm_lanczos,
+                             margin_lower_bounds, power_iteration_norm, restarted_lanczos_norm,
                              network_layers, penultimate, worst_case_logits, worst_margin)
 from locallip.bounds.empirical import empirical_lipschitz, jacobian_norm, random_points_in_ball
 from net_helpers import fit_briefly
@@ -268,23 +268,23 @@ def _check_op_against_matrix(op, gen):
     rows[0] = 1.0
     cols[0] = 1.0
     v0 = torch.randn((3,) + tuple(op.in_shape), generator=gen, dtype=DT)
-    res = masked_operator_norm(op, cols, rows, v0, max_iter=20000, tol=1e-12)
+    res = power_iteration_norm(op, cols, rows, v0, iterations=20000, tol=1e-12)
     exact = exact_masked_norm(m, rows, cols)
     assert res.converged.all()
     assert torch.allclose(res.sigma, exact, rtol=1e-4), (res.sigma, exact)
     assert torch.all(res.sigma <= exact * (1 + 1e-10))  # from below
-    res_nomask = masked_operator_norm(op, None, None, v0[:1], max_iter=20000, tol=1e-12)
+    res_nomask = power_iteration_norm(op, None, None, v0[:1], iterations=20000, tol=1e-12)
     assert torch.allclose(res_nomask.sigma, torch.linalg.svdvals(m)[:1], rtol=1e-4)
     # Iterating in float32 on a float64 layer: sigma is re-evaluated in float64 at the final vector, which
     # is unit-norm only to float32 precision (see test_float32_work_dtype_sigma_is_from_below).
-    res32 = masked_operator_norm(op, cols, rows, v0, max_iter=20000, tol=1e-6, work_dtype=torch.float32)
+    res32 = power_iteration_norm(op, cols, rows, v0, iterations=20000, tol=1e-6, work_dtype=torch.float32)
     assert res32.sigma.dtype == DT and res32.vector.dtype == DT
     assert torch.all(res32.sigma <= exact * (1 + 1e-6))
     assert torch.allclose(res32.sigma, exact, rtol=1e-4), (res32.sigma, exact)
     # Lanczos, one sample at a time (batches: see test_lanczos_batched_*), float64 and float32 iterations.
     for b in range(3):
         for wd, tol, below in ((None, 1e-10, 1e-10), (torch.float32, 1e-6, 1e-6)):
-            lz = masked_operator_norm_lanczos(op, cols[b:b + 1], rows[b:b + 1], v0[b:b + 1], max_iter=20000, tol=tol,
+            lz = restarted_lanczos_norm(op, cols[b:b + 1], rows[b:b + 1], v0[b:b + 1], max_applications=20000, tol=tol,
                                               work_dtype=wd)
             assert lz.converged.all() and lz.sigma.dtype == DT
             assert torch.allclose(lz.sigma, exact[b:b + 1], rtol=1e-4), (b, wd, lz.sigma, exact[b])
@@ -313,14 +313,17 @@ def test_float32_work_dtype_sigma_is_from_below(fn):
     v0 = torch.randn((8,) + tuple(op.in_shape), generator=gen, dtype=DT)
     exact = exact_masked_norm(m, rows, cols)
     for b in range(8):  # one at a time (Lanczos batches have their own bug, see below)
-        norm_fn = masked_operator_norm if fn == "power" else masked_operator_norm_lanczos
         # tol 1e-6: about the float32 resolution of the relative change (1e-8 never converges)
-        res = norm_fn(op, cols[b:b + 1], rows[b:b + 1], v0[b:b + 1], max_iter=20000, tol=1e-6,
-                      work_dtype=torch.float32)
+        if fn == "power":
+            res = power_iteration_norm(op, cols[b:b + 1], rows[b:b + 1], v0[b:b + 1], iterations=20000, tol=1e-6,
+                                       work_dtype=torch.float32)
+        else:
+            res = restarted_lanczos_norm(op, cols[b:b + 1], rows[b:b + 1], v0[b:b + 1], max_applications=20000,
+                                         tol=1e-6, work_dtype=torch.float32)
         assert torch.all(res.sigma <= exact[b] * (1 + 1e-12)), b
 
 
-LANCZOS_BATCH_BUG = ("UNSOUND: masked_operator_norm_lanczos keeps extending the Krylov basis of samples that are "
+LANCZOS_BATCH_BUG = ("UNSOUND: restarted_lanczos_norm keeps extending the Krylov basis of samples that are "
                      "already done while others in the batch iterate; a sample whose masked A^T A has low rank hits "
                      "an invariant subspace (beta ~ 0), noise vectors enter its basis, and its final Ritz vector / "
                      "sigma come out far too small (e.g. 0.41 instead of 0.65) with converged=True. Alone, the same "
@@ -335,9 +338,9 @@ def test_lanczos_batched_low_rank_sample_minimal():
     cols = torch.ones(2, 40, dtype=DT)
     v0 = torch.randn(2, 40, dtype=DT)
     exact = exact_masked_norm(op.weight.detach(), rows, cols)
-    alone = masked_operator_norm_lanczos(op, cols[1:], rows[1:], v0[1:], max_iter=1000, tol=1e-10)
+    alone = restarted_lanczos_norm(op, cols[1:], rows[1:], v0[1:], max_applications=1000, tol=1e-10)
     assert torch.allclose(alone.sigma, exact[1:], rtol=1e-10)
-    res = masked_operator_norm_lanczos(op, cols, rows, v0, max_iter=1000, tol=1e-10)
+    res = restarted_lanczos_norm(op, cols, rows, v0, max_applications=1000, tol=1e-10)
     assert res.converged.all()
     assert torch.allclose(res.sigma, exact, rtol=1e-4), (res.sigma, exact)
 
@@ -357,7 +360,7 @@ def test_lanczos_breakdown_between_convergence_checks(krylov, keep, check_every,
         cols = (torch.rand(3, 24, generator=gen) < 0.3).to(DT)
         v0 = torch.randn(3, 24, generator=gen, dtype=DT)
         exact = exact_masked_norm(op.weight.detach(), rows, cols)
-        res = masked_operator_norm_lanczos(op, cols, rows, v0, max_iter=2000, tol=1e-7, krylov=krylov, keep=keep,
+        res = restarted_lanczos_norm(op, cols, rows, v0, max_applications=2000, tol=1e-7, krylov=krylov, keep=keep,
                                            check_every=check_every, work_dtype=work_dtype)
         assert res.converged.all(), (seed, res.converged)
         assert res.iterations < 200, (seed, res.iterations)
@@ -372,12 +375,12 @@ def test_lanczos_converged_flag_is_not_claimed_early():
     with torch.no_grad():
         op.layer.weight.copy_(torch.randn(200, 200, generator=gen, dtype=DT))
     v0 = torch.randn(4, 200, generator=gen, dtype=DT)
-    res = masked_operator_norm_lanczos(op, None, None, v0, max_iter=6, tol=1e-12)
+    res = restarted_lanczos_norm(op, None, None, v0, max_applications=6, tol=1e-12)
     assert not res.converged.any()
     with pytest.raises(ValueError, match="keep"):
-        masked_operator_norm_lanczos(op, None, None, v0, max_iter=6, tol=1e-4, krylov=8, keep=7)
+        restarted_lanczos_norm(op, None, None, v0, max_applications=6, tol=1e-4, krylov=8, keep=7)
     with pytest.raises(ValueError, match="check_every"):
-        masked_operator_norm_lanczos(op, None, None, v0, max_iter=6, tol=1e-4, check_every=0)
+        restarted_lanczos_norm(op, None, None, v0, max_applications=6, tol=1e-4, check_every=0)
 
 
 def test_lanczos_batched_matches_explicit_matrices():
@@ -391,7 +394,7 @@ def test_lanczos_batched_matches_explicit_matrices():
         v0 = torch.randn((6,) + tuple(op.in_shape), generator=gen, dtype=DT)
         exact = exact_masked_norm(m, rows, cols)
         for wd, tol in ((None, 1e-10), (torch.float32, 1e-6)):
-            res = masked_operator_norm_lanczos(op, cols, rows, v0, max_iter=20000, tol=tol, work_dtype=wd)
+            res = restarted_lanczos_norm(op, cols, rows, v0, max_applications=20000, tol=tol, work_dtype=wd)
             rel = ((res.sigma - exact) / exact).abs().max()
             if not (res.converged.all() and rel <= 1e-4):
                 bad.append((i, str(wd), float(rel)))

@@ -318,11 +318,20 @@ def test_mixed_batch_equals_each_point_alone(kind, act, eps):
 def test_not_converged_falls_back_to_global():
     model = trained("conv", "clipped_relu")
     x, y = _points()
-    loc = _cert(model, x, y, 0.15, "local", guarantee="estimate", max_iter=2, tol=1e-14)
+    loc = _cert(model, x, y, 0.15, "local", guarantee="estimate", max_iter=2, tol=1e-14, cascade=False)
     glo = _cert(model, x, y, 0.15, "global")
     assert not loc.converged.any()
     assert torch.equal(loc.certified, glo.certified)
     assert torch.allclose(loc.worst_margin, glo.worst_margin)
+
+
+def test_not_converged_estimates_decide_nothing_in_the_cascade():
+    model = trained("conv", "clipped_relu")
+    x, y = _points()
+    loc = _cert(model, x, y, 0.15, "local", guarantee="estimate", max_iter=2, tol=1e-14)
+    box = _cert(model, x, y, 0.15, "local", masked=False)
+    assert torch.equal(loc.certified, box.certified)
+    assert torch.equal(loc.worst_margin, box.worst_margin)
 
 
 def test_certify_validates_arguments_and_restores_mode():
@@ -339,9 +348,13 @@ def test_certify_validates_arguments_and_restores_mode():
     assert model.training
     c = certify(model.eval(), x, y, 0.1, generator=torch.Generator().manual_seed(0))
     assert not model.training
+    assert c.level == "probabilistic" and c.guarantee.startswith("sound") and "1e-09" in c.guarantee
+    c = certify(model, x, y, 0.1, generator=torch.Generator().manual_seed(0), cascade=False)
     assert c.level == "probabilistic" and c.guarantee.startswith("probabilistic") and "1e-09" in c.guarantee
+    e = certify(model, x, y, 0.1, guarantee="estimate", generator=torch.Generator().manual_seed(0), cascade=False)
+    assert e.guarantee.startswith("estimate, not a guarantee") and "Lanczos" in e.guarantee
     e = certify(model, x, y, 0.1, guarantee="estimate", generator=torch.Generator().manual_seed(0))
-    assert e.guarantee.startswith("estimate, not a guarantee") and "random start" in e.guarantee
+    assert e.guarantee.startswith("estimate, not a guarantee")
     with pytest.raises(ValueError):
         certify(model, x, y, 0.1, guarantee="approximate")
     assert _cert(model, x, y, 0.1, "global").guarantee.startswith("upper bound")

@@ -19,7 +19,7 @@ from torch import nn
 
 from locallip.bounds import AffineOp, global_bound, local_bound, network_layers
 from locallip.bounds.exact import exact_masked_norms
-from locallip.bounds.krylov import (fp_margin, lanczos_inflation, masked_operator_norm_krylov,
+from locallip.bounds.krylov import (fp_margin, lanczos_inflation, lanczos_norm,
                                     steps_for_inflation)
 from locallip.nn.activations import make_activation
 from test_bounds import _mixed_model, _randomize_thresholds, _row_masks, exact_masked_norm, explicit_matrix
@@ -106,7 +106,7 @@ def _masks(n_in: int, m: int, batch: int, rank_deficient: bool, seed: int):
 def _probabilistic_bound(op, col, row, steps, delta, side, seed):
     shape = op.in_shape if side == "input" else op.out_shape
     start = torch.randn((col.shape[0],) + tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=DT)
-    res = masked_operator_norm_krylov(op, col, row, start, steps=steps, side=side, work_dtype=torch.float32)
+    res = lanczos_norm(op, col, row, start, steps=steps, side=side, work_dtype=torch.float32)
     e = torch.tensor([lanczos_inflation(int(n), int(t), delta) for n, t in zip(res.dims, res.steps)], dtype=DT)
     margin = torch.tensor([fp_margin(int(n), int(t), torch.float32) for n, t in zip(res.dims, res.steps)], dtype=DT)
     bound = res.sigma.detach() * (1 + margin) / torch.sqrt(1 - e.clamp(max=1 - 1e-300))

@@ -15,6 +15,9 @@ rule report:
         radius_plot=report(str(layout.radius_plot(EXP)), caption="../report/certified_vs_radius.rst",
                            category="Certification",
                            labels={"experiment": "{experiment}", "figure": "certified accuracy vs radius"}),
+        steps_table=report(str(layout.steps_table(EXP)), caption="../report/steps.rst", category="Certification",
+                           subcategory="{experiment}",
+                           labels={"experiment": "{experiment}", "file": "certified points per step (CSV)"}),
     params:
         cmd=stage_command("report"),
     log:

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from .operators import AffineOp, network_layers
-from .spectral import masked_operator_norm
+from .spectral import power_iteration_norm, restarted_lanczos_norm
 
 Tensor = torch.Tensor
 
-GUARANTEED = "upper bound: exact SVD (dense), FFT circulant-embedding bound (conv)"
+GUARANTEED = ("upper bound: exact SVD (dense); for convolutions the smaller of the FFT circulant-embedding bound "
+              "and a Cholesky proof on the explicit operator")
 ESTIMATE = "estimate: power iteration (approaches the norm from below)"
 
 
@@ -25,6 +26,7 @@ class GlobalBound:
     lipschitz: Tensor  # product: Lipschitz bound of the penultimate features
     guarantee: str  # GUARANTEED or ESTIMATE
     method: str
+    vectors: Optional[list] = None  # top right singular vector per layer (warm starts), filled on demand
 
 
 def _polyphase_kernel(w: Tensor, stride: Tuple[int, int], padding: Tuple[int, int]) -> Tensor:
@@ -65,6 +67,15 @@ def _conv_norm_upper(op: AffineOp) -> Tensor:
     return torch.linalg.matrix_norm(spectrum.permute(2, 3, 0, 1), ord=2).max()
 
 
+def _conv_norm(op: AffineOp) -> Tensor:
+    """The FFT bound, or the Cholesky proof on the explicit operator where it fits and is smaller."""
+    from .exact import proven_layer_norm
+
+    fft = _conv_norm_upper(op)
+    proof = proven_layer_norm(op)
+    return fft if proof is None else torch.minimum(fft, torch.tensor(proof, dtype=fft.dtype))
+
+
 def _dense_norm_exact(op: AffineOp) -> Tensor:
     w = op.weight.detach().double()
     if op.norm is not None:  # Normalize before Linear: scale every flattened input by 1/std of its channel
@@ -82,7 +93,9 @@ def global_bound(model: nn.Sequential, method: str = "guaranteed", iters: int = 
     """Global Lipschitz bound of the penultimate features: per-layer norms and their product.
 
     method="guaranteed" (default): certified upper bounds (no gradient, float64): exact SVD
-      for dense layers, an FFT circulant-embedding bound for convolutions.
+      for dense layers; for convolutions an FFT circulant-embedding bound, or a Cholesky proof
+      on the explicit operator (``bounds.exact``) where the layer fits its budget and the
+      proof is smaller (cached per layer until its weights change).
     method="power": ``iters`` power iterations per layer, warm-started from the
       vectors kept in the model's buffers (updated when ``update``); differentiable
       (training). An estimate from below.
@@ -97,7 +110,7 @@ def global_bound(model: nn.Sequential, method: str = "guaranteed", iters: int = 
     hidden = ops[:-1]
     if method == "guaranteed":
         with torch.no_grad():
-            norms = [(_conv_norm_upper(op) if isinstance(op.layer, nn.Conv2d)
+            norms = [(_conv_norm(op) if isinstance(op.layer, nn.Conv2d)
                       else _dense_norm_exact(op)) * (1 + _ROUNDING_SLACK) for op in hidden]
             norms = torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64)
         dtype = ops[0].weight.dtype
@@ -112,9 +125,28 @@ def global_bound(model: nn.Sequential, method: str = "guaranteed", iters: int = 
             v0 = vectors[i].view(1, *op.in_shape).to(op.weight.dtype)
         else:
             v0 = torch.randn((1,) + op.in_shape, dtype=op.weight.dtype, device=op.weight.device)
-        res = masked_operator_norm(op, None, None, v0, max_iter=iters, tol=0.0)
+        res = power_iteration_norm(op, None, None, v0, iterations=iters, tol=0.0)
         if update and vectors is not None:
             vectors[i].copy_(res.vector.reshape(-1))
         norms.append(res.sigma[0])
     norms = torch.stack(norms) if norms else ops[0].weight.new_zeros(0)
     return GlobalBound(norms, norms.prod(), ESTIMATE, method)
+
+
+def top_singular_vectors(model: nn.Module, input_shape: Sequence[int], *, tol: float = 1e-3,
+                         max_applications: int = 500, seed: int = 0) -> list:
+    """[n_in] flattened top right singular vector of every layer before the logits (unit, detached).
+
+    Lanczos to ``tol`` on each unmasked layer, once per model. A warm start for masked
+    estimates (the masked operator's top vector is near it when the masks remove little);
+    nothing sound rests on it.
+    """
+    ops, _ = network_layers(model, input_shape=input_shape)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for op in ops[:-1]:
+            v0 = torch.randn((1,) + tuple(op.in_shape), generator=gen, dtype=op.weight.dtype).to(op.weight.device)
+            res = restarted_lanczos_norm(op, None, None, v0, max_applications=max_applications, tol=tol)
+            out.append(res.vector.reshape(-1))
+    return out

@@ -62,6 +62,14 @@ class LocalSolver(Choice):
     power = "power"
 
 
+class MaskedNorms(Choice):
+    """Training: when the local step runs the masked solver (``bounds.local_bound``)."""
+
+    always = "always"
+    adaptive = "adaptive"  # only for the samples and layers whose masks can change the norm
+    never = "never"  # the global norm for every layer: BCP's bound (with the boxes kept)
+
+
 class Guarantee(Choice):
     probabilistic = "probabilistic"
     exact = "exact"

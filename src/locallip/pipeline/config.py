@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Type, TypeVar, Union
 from omegaconf import II, MISSING, OmegaConf
 
 from .choices import (Activation, Arch, Bound, Choice, DatasetName, Device, DType, Guarantee,  # noqa: F401
-                      LastLayer, LocalSolver, Loss, Method, Ramp)  # (re-exported: the schema's types)
+                      LastLayer, LocalSolver, Loss, MaskedNorms, Method, Ramp)  # (re-exported: the schema's types)
 
 
 class ConfigError(ValueError):
@@ -79,6 +79,10 @@ class TrainConfig:
     power_iters: int = 2  # power iterations per step (warm-started): global bound, and local_solver=power
     local_solver: LocalSolver = LocalSolver.krylov  # krylov: local_steps Lanczos steps; power: power_iters
     local_steps: int = 8  # Lanczos steps per layer and step for the local bound (warm-started)
+    # Local bound: run the masked solver for every sample and layer (always), only where the masks can
+    # change the norm by more than adaptive_tol (adaptive), or never (global norms: BCP).
+    masked_norms: MaskedNorms = MaskedNorms.always
+    adaptive_tol: float = 0.01
     diagnostics_size: int = 256  # validation points for the per-epoch bound diagnostics (0 = off)
     augment: bool = False  # random crop + flip (CIFAR / Tiny-ImageNet)
     val_every: int = 1
@@ -112,6 +116,11 @@ class CertifySettings:
     # What a local-bound certificate promises: probabilistic (P(false) <= delta per point),
     # exact (deterministic), or estimate (converged from below, not a guarantee).
     guarantee: Guarantee = Guarantee.probabilistic
+    # Each point gets the cheapest sound step that decides it (global, box, masked norms;
+    # locallip.certify.cascade); false: the level above for every point.
+    cascade: bool = True
+    masked_norms: bool = True  # cascade: try masked layer norms on the points global and box leave open
+    screen_steps: int = 8  # cascade: Lanczos steps of the from-below estimate that excludes points
     extra_guarantees: List[Guarantee] = field(default_factory=list)  # further levels reported beside it
     delta: float = 1.0e-9  # probabilistic: failure probability per certified point (union over layers)
     inflation: float = 0.01  # probabilistic: Lanczos steps chosen so the norm inflation is at most this
@@ -137,6 +146,9 @@ class CertifyConfig(CertifySettings):
     curve: bool = True
     curve_max_radius: Optional[float] = None  # null: twice the largest of `radii`
     curve_tol: float = 0.02  # relative width of the final bisection interval
+    # The radius search runs on bigger batches than certification: most of its evaluations are the
+    # cheap global and box steps, whose cost per point falls with the batch.
+    curve_batch_size: int = 256
 
 
 @dataclass
@@ -223,6 +235,7 @@ class RadiiStage:
     name: str = MISSING
     max_radius: float = MISSING
     tol: float = 0.02
+    batch_size: int = 256
     certify: CertifySettings = field(default_factory=CertifySettings)
 
 
@@ -252,7 +265,7 @@ def stage_config(cfg: Config, stage: str, radius: Optional[float] = None) -> Sta
     if stage == "radii":
         top = cfg.certify.curve_max_radius or 2 * max(float(r) for r in cfg.certify.radii)
         return RadiiStage(name=cfg.name, max_radius=float(top) if top > 0 else 1.0, tol=cfg.certify.curve_tol,
-                          certify=_settings(cfg.certify))
+                          batch_size=cfg.certify.curve_batch_size, certify=_settings(cfg.certify))
     if stage == "report":
         return dataclasses.replace(cfg, run=RunConfig())  # the report reads everything but `run`
     raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")

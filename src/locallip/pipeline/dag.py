@@ -321,7 +321,8 @@ def job(cfgs: Mapping[str, Config], name: str, stage: str, radius: Optional[floa
 
 def report_outputs(name: str) -> Dict[str, str]:
     return {"out": str(layout.report(name)), "training_plot": str(layout.training_plot(name)),
-            "diagnostics_plot": str(layout.diagnostics_plot(name)), "radius_plot": str(layout.radius_plot(name))}
+            "diagnostics_plot": str(layout.diagnostics_plot(name)), "radius_plot": str(layout.radius_plot(name)),
+            "steps_table": str(layout.steps_table(name))}
 
 
 #: CLI flag of each named output / input / option, per stage.

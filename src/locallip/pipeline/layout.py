@@ -80,5 +80,10 @@ def radii_table(name: str, results: Path = RESULTS) -> Path:
     return experiment_dir(name, results) / "certify" / "radii.csv"
 
 
+def steps_table(name: str, results: Path = RESULTS) -> Path:
+    """Per radius and guarantee level: certified points per cascade step (written by the report)."""
+    return experiment_dir(name, results) / "certify" / "steps.csv"
+
+
 def diagnostics_plot(name: str, results: Path = RESULTS) -> Path:
     return plots_dir(name, results) / "bound_diagnostics.png"

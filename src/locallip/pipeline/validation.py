@@ -69,6 +69,7 @@ def validate_train(t: TrainConfig) -> None:
         _number(t, k, "train", 0)
     _number(t, "lr", "train", 0, lo_open=True)
     _number(t, "kappa_end", "train", 0, 1)
+    _number(t, "adaptive_tol", "train", 0, 1, lo_open=True, hi_open=True)
     _number(t, "lr_decay", "train", 0, 1, lo_open=True)
     for k in ("epochs", "batch_size", "power_iters", "local_steps", "val_every", "val_max_iter"):
         _number(t, k, "train", 1, integer=True)
@@ -91,6 +92,7 @@ def validate_certify(c: CertifySettings) -> None:
     _number(c, "delta", "certify", 0, 1, lo_open=True, hi_open=True)
     _number(c, "inflation", "certify", 0, 1, lo_open=True)
     _number(c, "steps", "certify", 1, integer=True, optional=True)
+    _number(c, "screen_steps", "certify", 1, integer=True)
     _number(c, "max_iter", "certify", 1, integer=True)
     # A loose tolerance makes an estimate meaningless (and places the exact level's trials badly).
     _number(c, "tol", "certify", 0, 0.01, lo_open=True)
@@ -102,6 +104,7 @@ def validate_certify(c: CertifySettings) -> None:
     if isinstance(c, CertifyConfig):
         _number(c, "curve_max_radius", "certify", 0, lo_open=True, optional=True)
         _number(c, "curve_tol", "certify", 0, 1, lo_open=True, hi_open=True)
+        _number(c, "curve_batch_size", "certify", 1, integer=True)
         _check(len(c.radii) > 0, "certify.radii must not be empty")
         for r in c.radii:
             check_radius(r, "every certify.radii entry")
@@ -142,4 +145,5 @@ def validate_stage(obj: Any) -> None:
     elif isinstance(obj, RadiiStage):
         _number(obj, "max_radius", "radii", 0, lo_open=True)
         _number(obj, "tol", "radii", 0, 1, lo_open=True, hi_open=True)
+        _number(obj, "batch_size", "radii", 1, integer=True)
         validate_certify(obj.certify)

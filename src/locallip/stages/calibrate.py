@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from ..certify import evaluate
+from ..certify.evaluate import evaluate
 from ..data.splits import load_splits, to_tensors
 from ..pipeline.checkpoints import load_model, save_model
 from ..pipeline.config import CalibrateConfig, CalibrateStage, RunConfig, plain

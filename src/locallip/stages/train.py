@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from ..bounds import (converged_layer_norms, global_bound, global_margins, local_bound, local_margins,
                       network_layers, penultimate)
-from ..certify import evaluate
+from ..certify.evaluate import evaluate
 from ..data.splits import augment, load_splits, to_tensors
-from .distributed import Group, process_group, set_threads
+from ..distributed import Group, process_group, set_threads
 from ..losses import bcp_mix_loss, gloro_loss, gloro_trades_loss, sparsity_loss
 from ..nn.activations import clamp_thresholds, threshold_mean
 from ..nn.models import LipschitzNet, build_model
@@ -77,11 +77,12 @@ def lr_at(epoch: int, tc: TrainConfig) -> float:
 def training_local_bound(model: LipschitzNet, x: Tensor, eps: float, tc: TrainConfig):
     """The local bound the training step optimises: warm-started from the global singular vectors,
     ``local_steps`` Lanczos steps (``local_solver=krylov``) or ``power_iters`` power iterations."""
+    adaptive = dict(masked_norms=str(tc.masked_norms), adaptive_tol=tc.adaptive_tol)
     if tc.local_solver == "krylov":
-        return local_bound(model, x, eps, guarantee="estimate", max_iter=tc.local_steps, init="global",
-                           method="krylov", work_dtype=None)
+        return local_bound(model, x, eps, guarantee="estimate", steps=tc.local_steps, init="global",
+                           method="krylov", work_dtype=None, **adaptive)
     return local_bound(model, x, eps, guarantee="estimate", max_iter=tc.power_iters, tol=0.0, init="global",
-                       method="power", work_dtype=None)
+                       method="power", work_dtype=None, **adaptive)
 
 
 def bound_diagnostics(model: LipschitzNet, x: Tensor, eps: float, tc: TrainConfig,
@@ -122,6 +123,7 @@ def robust_loss(model: LipschitzNet, x: Tensor, y: Tensor, eps: float, kappa: fl
         margins = local_margins(model, lb, y, tc.last_layer)
         stats["fixed_fraction"] = lb.fixed_fraction()
         stats["fixed_per_layer"] = lb.fixed_fraction_per_layer()
+        stats["masked_per_layer"] = list(lb.info.get("masked_fraction") or [])
         if tc.sparsity_weight > 0:
             _, acts = network_layers(model)
             extra = tc.sparsity_weight * sparsity_loss(lb.pre_bounds, acts)
@@ -279,7 +281,7 @@ def _train(cfg: TrainStage, data: Path, out: Path, metrics: Path, state: Path, r
         for pg in opt.param_groups:
             pg["lr"] = lr_at(epoch, tc)
         perm = torch.randperm(n, generator=gen)
-        total, fixed, fixed_layers, count = 0.0, [], [], 0
+        total, fixed, fixed_layers, masked_layers, count = 0.0, [], [], [], 0
         bar = tqdm(range(steps), desc=f"{cfg.name} epoch {epoch + 1}/{tc.epochs}",
                    disable=None if (run.progress and group.main) else True, unit="step", leave=False)
         for i in bar:
@@ -303,13 +305,16 @@ def _train(cfg: TrainStage, data: Path, out: Path, metrics: Path, state: Path, r
             if "fixed_fraction" in stats:
                 fixed.append(stats["fixed_fraction"])
                 fixed_layers.append(stats["fixed_per_layer"])
+                masked_layers.append(stats["masked_per_layer"])
             bar.set_postfix(loss=f"{loss:.3f}", eps=f"{eps:.3f}")
         bar.close()
         total, count = group.sum([total, float(count)])
         record = {"epoch": epoch + 1, "loss": total / max(count, 1), "eps": eps_at(epoch + 1, tc),
                   "kappa": kappa_at(epoch + 1, tc), "lr": lr_at(epoch, tc), "theta_mean": threshold_mean(model),
                   "fixed_fraction": sum(fixed) / len(fixed) if fixed else None,
-                  "fixed_per_layer": [sum(c) / len(c) for c in zip(*fixed_layers)] if fixed_layers else None}
+                  "fixed_per_layer": [sum(c) / len(c) for c in zip(*fixed_layers)] if fixed_layers else None,
+                  # share of the samples the masked solver ran for, per layer (1: always; 0: never)
+                  "masked_per_layer": [sum(c) / len(c) for c in zip(*masked_layers)] if masked_layers else None}
         if group.main and tc.bound == "local" and eps_at(epoch + 1, tc) > 0 and tc.diagnostics_size > 0:
             record.update(bound_diagnostics(model, x_val[:tc.diagnostics_size].to(device), eps_at(epoch + 1, tc),
                                             tc, seed=tc.seed))

@@ -19,7 +19,7 @@ from ...pipeline.files import stage_lock, write_text
 from .load import load_experiment
 from .plots import plot_bound_diagnostics, plot_certified_vs_radius, plot_training
 from .render import recorded_settings, render_report, settings_drift
-from .tables import headline_rows, levels_of
+from .tables import headline_rows, levels_of, steps_csv
 
 __all__ = ["run_report"]
 
@@ -78,6 +78,7 @@ def _write(cfg: Config, main: dict, out: Path, experiment_dir: Path, baseline: O
             cfgs[baseline_name] = compose(baseline_name)
         except ConfigError:
             pass
+    write_text(layout.steps_table(name, results_root), steps_csv(main["certificates"]))
     text = render_report(cfg, main, rel, baseline=baseline, baseline_name=baseline_name,
                          generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), drift=drift,
                          cfgs_for_dag=cfgs, version=__version__)

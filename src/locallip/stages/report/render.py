@@ -9,7 +9,7 @@ from ...pipeline import dag
 from ...pipeline.config import Config, plain, stage_config
 from .tables import (calibration_lines, fmt_num, fmt_radius, fmt_seconds, format_headline,
                      headline_header, headline_rows, level_details, level_label, levels_of, markdown_table,
-                     paper_rows, side_by_side)
+                     paper_rows, side_by_side, steps_table)
 
 #: Where a recorded stage setting lives in the full configuration (for Hydra overrides).
 _PREFIX = {"train": {"model": "model", "train": "train", "normalization": "dataset"},
@@ -168,6 +168,7 @@ def render_report(cfg: Config, main: dict, plots: Dict[str, str], baseline: Opti
         + ", ".join(f"[radius {fmt_radius(c['radius'])}]({plots['table_' + str(i)]})" for i, c in enumerate(certs))
         + ".")
     add("")
+    L.extend(steps_lines(certs))
     if baseline is not None:
         bm = baseline["metrics"]
         blev = levels_of(baseline["certificates"])
@@ -288,23 +289,44 @@ def consistency_warnings(main: dict, baseline: Optional[dict], baseline_name: Op
     return out
 
 
+def steps_lines(certs: Sequence[dict]) -> List[str]:
+    """How each certified point was certified: the cascade's steps, and the deterministic share."""
+    if not certs or not certs[0].get("steps"):
+        return []
+    header, body = steps_table(certs)
+    det = sum(c["steps"]["deterministic"] for c in certs)
+    total = sum(c["steps"]["certified"] for c in certs)
+    prob = sum(c["steps"]["probabilistic"] for c in certs)
+    delta = next((c["steps"]["delta_per_probabilistic_point"] for c in certs
+                  if c["steps"].get("delta_per_probabilistic_point")), None)
+    share = f"{100 * det / total:.1f} %" if total else "—"
+    text = (f"How each certified point was certified (each point stops at the first step that decides it): "
+            f"over all radii, {det} of {total} certified points ({share}) have a deterministic certificate")
+    text += (f"; {prob} rest on the probabilistic bound, each with P(false) <= {delta:g}." if prob else
+             "; none rests on a random start.")
+    return [text, "", markdown_table(header, body), ""]
+
+
 def guarantee_lines(certs: Sequence[dict]) -> List[str]:
     lines = []
     details = level_details(certs)
     n = certs[0]["n"] if certs else 0
     for lv, d in details.items():
         lines.append(f"- **{level_label(lv, certs[0])}**: {d['guarantee']}.")
-        if lv == "probabilistic" and d.get("layers"):
+        if lv == "probabilistic" and d.get("layers") and all("steps" in x for x in d["layers"]):
             steps = ", ".join(f"layer {i + 1}: {x['steps']} steps (order {x['n_max']}, largest inflation "
                               f"{100 * (x['inflation_max'] or 0):.2f}%)" for i, x in enumerate(d["layers"]))
             lines.append(f"  Per certified point P(false) <= {d['delta']:g} (delta per layer {d['delta_layer']:.3g}); "
                          f"{steps}. Expected number of false certificates in a table of {n} points: at most "
                          f"{d['expected_false_certificates_at_most']:.2g}.")
-        if lv == "exact" and d.get("layers"):
+        if d.get("layers") and any("proven" in x for x in d["layers"]):
             parts = ", ".join(f"layer {i + 1}: {x.get('proven', 0)} proven, {x['global_fallback']} global fallback"
-                              for i, x in enumerate(d["layers"]))
-            lines.append(f"  Computed where it can change the outcome ({d['points_computed']} points over this "
-                         f"radius's batches; elsewhere the global certificate decides): {parts}.")
+                              + (f", {x['probabilistic_fallback']} probabilistic" if x.get("probabilistic_fallback")
+                                 else "") for i, x in enumerate(d["layers"]))
+            pts = (d.get("steps") or {}).get("points") or {}
+            lines.append(f"  Masked norms were computed for {pts.get('masked_points', '?')} points at radius "
+                         f"{fmt_radius(certs[0]['radius'])} ({pts.get('screened', '?')} screened, "
+                         f"{pts.get('excluded', '?')} excluded by the from-below screen); per layer: {parts}.")
     lines.append("- **global bound, exact**: " + (certs[0]["guarantee"]["global"] if certs else "") + ".")
     lines.append("")
     lines.append("Ties (margin exactly 0) are never certified; the estimate level is shown for comparison only and "

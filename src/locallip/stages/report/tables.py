@@ -79,7 +79,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 # --------------------------------------------------------------------------- guarantee labels
 
 def level_label(level: str, cert: Optional[dict] = None) -> str:
-    """Column label naming what a certificate promises, e.g. 'local bound, P(false) <= 1e-09 per point'."""
+    """Column label naming what a certificate promises, e.g. 'certified (sound)'."""
+    if (((cert or {}).get("levels", {}).get(level) or {}).get("cascade")):
+        return {"probabilistic": "certified (sound)", "exact": "certified (sound, deterministic)",
+                "estimate": "local cascade, estimate for the masked step (not a guarantee)"}[level]
     if level == "probabilistic":
         delta = ((cert or {}).get("levels", {}).get("probabilistic", {}) or {}).get("delta")
         return f"local bound, probabilistic: P(false) <= {delta:g} per point" if delta else LEVEL_WORDS[level]
@@ -116,7 +119,7 @@ def headline_header(certificates: Sequence[dict]) -> List[str]:
     lv = levels_of(certificates)
     return (["radius", "n (test)", "clean acc (%)"]
             + [f"certified, {level_label(level, certificates[0])} (%)" for level in lv]
-            + ["certified, global bound, exact (%)", "median local/global bound ratio",
+            + ["certified, global bound, exact (%)", "median local/global bound ratio (masked-norm points)",
                "attack audit (broken/checked)"])
 
 
@@ -130,6 +133,38 @@ def format_headline(rows: Sequence[dict], levels: Sequence[str]) -> List[List[st
             + [fmt_pct(r["levels"].get(lv)) for lv in levels]
             + [fmt_pct(r["cert_global"]), fmt_num(r["ratio"], 4), attack_cell(r)]
             for r in rows]
+
+
+STEP_WORDS = (("global", "global margins"), ("box", "boxes on global norms"), ("exact", "masked norms, exact"),
+              ("probabilistic", "masked norms, probabilistic"), ("estimate", "masked norms, estimate"))
+
+
+def steps_table(certificates: Sequence[dict]) -> Tuple[List[str], List[List[str]]]:
+    """Per radius: how the headline certificate's points were certified (counts per cascade step)."""
+    header = (["radius", "certified"] + [f"by {words}" for _, words in STEP_WORDS]
+              + ["deterministic share (%)", "excluded by the screen"])
+    out = []
+    for c in certificates:
+        st = c.get("steps") or {}
+        by = st.get("certified_by_step") or {}
+        out.append([fmt_radius(c["radius"]), str(st.get("certified", "—"))] + [str(by.get(k, 0)) for k, _ in STEP_WORDS]
+                   + [fmt_pct(st.get("deterministic_share")), str(st.get("excluded_by_screen", "—"))])
+    return header, out
+
+
+def steps_csv(certificates: Sequence[dict]) -> str:
+    """CSV of certified points per cascade step, per radius and guarantee level."""
+    names = [k for k, _ in STEP_WORDS]
+    lines = [",".join(["radius", "level", "n", "certified"] + names + ["deterministic_share", "excluded_by_screen"])]
+    for c in certificates:
+        for lv, v in c["levels"].items():
+            st = v.get("steps") or {}
+            by = st.get("certified_by_step") or {}
+            share = st.get("deterministic_share")
+            lines.append(",".join([repr(float(c["radius"])), lv, str(c["n"]), str(st.get("certified", ""))]
+                                  + [str(by.get(k, "")) for k in names]
+                                  + ["" if share is None else f"{share:.6f}", str(st.get("excluded_by_screen", ""))]))
+    return "\n".join(lines) + "\n"
 
 
 def find_row(rows: Sequence[dict], eps: float) -> Optional[dict]:

@@ -191,7 +191,7 @@ def model_from_args(args: argparse.Namespace):
 
 
 def _cfg_hash(cfg) -> str:
-    from locallip.pipeline.config import plain
+    from locallip.foundation.compose import plain
 
     keep = {k: plain(getattr(cfg, k)) for k in ("dataset", "model", "train")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
@@ -209,9 +209,11 @@ def trained_model(experiment: str = "mnist5k", overrides: Sequence[str] = (), re
     Returns (model, x_test, y_test, cfg, info).
     """
     from locallip.data.splits import load_splits, to_tensors
-    from locallip.pipeline import layout as paths
-    from locallip.pipeline.checkpoints import load_model
-    from locallip.pipeline.config import RunConfig, compose, stage_config
+    from locallip.foundation import layout as paths
+    from locallip.nn.checkpoint import load_model
+    from locallip.foundation.compose import compose
+    from locallip.foundation.schema import RunConfig
+    from locallip.pipeline.table import stage_config
     from locallip.stages.download import run_download
     from locallip.stages.train import run_train
 

@@ -40,8 +40,8 @@ def _load(args):
     if not args.model:
         return model_from_args(args)
     from locallip.data.splits import load_splits, to_tensors
-    from locallip.pipeline.checkpoints import load_model
-    from locallip.pipeline.config import compose
+    from locallip.nn.checkpoint import load_model
+    from locallip.foundation.compose import compose
 
     path = Path(args.model)
     model, ck = load_model(path)

@@ -42,8 +42,8 @@ def _sync(device: torch.device) -> None:
 
 def step_ratios(experiment: str, arch: str, shape, batch: int, rounds: int, per_round: int, device) -> dict:
     from locallip.nn.models import build_model
-    from locallip.pipeline.config import compose
-    from locallip.stages.train import train_step
+    from locallip.foundation.compose import compose
+    from locallip.training import train_step
 
     cfg = compose(experiment, config_dir=REPO / "config")
     tc = replace(cfg.train, batch_size=batch)
@@ -111,7 +111,9 @@ def cifar_epochs(epochs: int, n_train: int, quick: bool) -> dict:
     import numpy as np
 
     from locallip.data.splits import Splits, save_splits
-    from locallip.pipeline.config import RunConfig, compose, stage_config
+    from locallip.foundation.compose import compose
+    from locallip.foundation.schema import RunConfig
+    from locallip.pipeline.table import stage_config
     from locallip.stages.train import run_train
 
     overrides = [f"train.epochs={epochs}", f"train.ramp_epochs={max(1, epochs - 1)}", "train.warmup_epochs=0",

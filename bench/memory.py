@@ -80,8 +80,8 @@ def child(batch_size: int, samples: int, threads: int) -> dict:
     from dataclasses import replace
 
     from locallip.nn.models import build_model
-    from locallip.pipeline.config import compose
-    from locallip.stages.train import train_step
+    from locallip.foundation.compose import compose
+    from locallip.training import train_step
 
     set_threads(threads)
     cfg = compose("mnist", config_dir=REPO / "config")

@@ -7,7 +7,7 @@ the *test* split (what is reported). It appends one JSON line per run to
 ``--out`` (default ``bench/out/study/runs.jsonl``): the overrides, the training
 time, the per-epoch diagnostics of the last epoch and certified accuracies.
 
-    python -m bench.study --tag lanczos8 -e mnist5k train.local_steps=8
+    python -m bench.study --tag lanczos8 -e mnist5k train.solver_steps=8
     python -m bench.study --tag gloro_eqtime -e mnist5k_gloro train.epochs=150 train.ramp_epochs=75
     python -m bench.study --table                 # markdown table of every recorded run
 
@@ -45,8 +45,10 @@ def run_one(tag: str, experiment: str, overrides: List[str], out: Path, threads:
     import torch
 
     from locallip.data.splits import load_splits, to_tensors
-    from locallip.pipeline.checkpoints import load_model
-    from locallip.pipeline.config import RunConfig, compose, stage_config
+    from locallip.nn.checkpoint import load_model
+    from locallip.foundation.compose import compose
+    from locallip.foundation.schema import RunConfig
+    from locallip.pipeline.table import stage_config
     from locallip.stages.calibrate import run_calibrate
     from locallip.stages.download import run_download
     from locallip.stages.train import run_train

@@ -57,7 +57,7 @@ def train_step(d) -> list:
     for s in d["settings"]:
         r = s["ratios"]
         if "local_over_local_power2" in r:
-            lines.append(f"{s['arch'].upper()} ({s['activation']}): the training bound with {s['local_steps']} Lanczos "
+            lines.append(f"{s['arch'].upper()} ({s['activation']}): the training bound with {s['solver_steps']} Lanczos "
                          f"steps per layer costs {_r(r['local_over_local_power2'])} x the old 2 power iterations "
                          f"(which were {_r(r['local_power2_over_plain'])} x plain).")
             lines.append("")

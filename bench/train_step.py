@@ -1,7 +1,7 @@
 """Training-step cost: local-bound step vs plain cross-entropy and vs the GloRo global-bound step.
 
 One step = forward + loss + backward + Adam step (+ the threshold clamp ``run_train`` does),
-with ``locallip.train.robust_loss`` and the training configuration of the matching
+with ``locallip.training.robust_loss`` and the training configuration of the matching
 experiment (``mnist`` for 4C3F on 1x28x28, ``cifar10`` for 6C2F on 3x32x32), batch 128,
 random data, after the eps ramp (eps = eps_train, kappa = kappa_end = 0).
 
@@ -14,7 +14,7 @@ Variants, interleaved round by round (see ``bench/_common.py``):
               samples and layers whose masks can change the norm by more than train.adaptive_tol)
   bcp       the local step with train.masked_norms=never: global norms, boxes kept (BCP)
   local_power2  the local step with the old training bound (2 warm-started power iterations
-              instead of ``local_steps`` Lanczos steps): what training against the certified bound costs
+              instead of ``solver_steps`` Lanczos steps): what training against the certified bound costs
   local_ball_nosparsity  (only where the config has sparsity_weight > 0) last_layer=ball and no
               sparsity loss: the step whose backward skips the interval-bound chain
 
@@ -49,7 +49,7 @@ TARGETS = {"local_over_plain": 3.0, "local_over_gloro": 1.5}
 
 def _setting_cfg(experiment: str):
     from bench._common import REPO
-    from locallip.pipeline.config import compose
+    from locallip.foundation.compose import compose
 
     return compose(experiment, config_dir=REPO / "config")
 
@@ -58,7 +58,7 @@ def make_step(model, cfg_train, x_pool, y_pool, eps: float, kappa: float,
               phases: Dict[str, List[float]] | None = None) -> Callable[[], float]:
     """A closure running one training step on the next batch of the pool (cfg_train None = plain CE)."""
     from locallip.nn.activations import clamp_thresholds
-    from locallip.stages.train import robust_loss
+    from locallip.training import robust_loss
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     state = {"i": 0}
@@ -95,7 +95,7 @@ def make_step(model, cfg_train, x_pool, y_pool, eps: float, kappa: float,
 def instrumented(totals: Dict[str, float]):
     """Wrap the library functions a local step calls with wall-clock accumulators (inclusive times)."""
     from locallip.bounds import localbound, operators
-    from locallip.stages import train
+    from locallip import training as train
 
     patches = []
 
@@ -172,7 +172,7 @@ def operator_macs(model, cfg_train, x, y, eps: float, kappa: float) -> dict:
     """
     import torch.nn.functional as F
 
-    from locallip.stages.train import robust_loss
+    from locallip.training import robust_loss
 
     counts = {"recorded": 0, "no_grad": 0}
     originals = {name: getattr(F, name) for name in ("conv2d", "conv_transpose2d", "linear")}
@@ -230,9 +230,9 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
         # no masked norms at all: BCP's bound (global norms, the boxes kept)
         "bcp": replace(tc, bound="local", loss="bcp_mix", last_layer="ball_box", masked_norms="never"),
     }
-    if str(tc.local_solver) == "krylov":
+    if str(tc.solver) == "krylov":
         cfgs["local_power2"] = replace(tc, bound="local", loss="bcp_mix", last_layer="ball_box",
-                                       local_solver="power", power_iters=2)
+                                       solver="power", power_iters=2)
     if tc.sparsity_weight > 0:
         # The sparsity loss is built from the interval bounds of every layer, so (like ball_box) it makes
         # the backward pass run through the whole interval chain; this variant shows what that costs.
@@ -248,7 +248,7 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
         "batch_size": BATCH, "eps": eps, "kappa": kappa, "activation": str(cfg.model.activation),
         "train_config_from": f"experiment {setting['experiment']} (batch_size={BATCH}); "
                              f"variants override bound/loss/last_layer",
-        "local_solver": str(tc.local_solver), "local_steps": tc.local_steps, "power_iters": tc.power_iters,
+        "solver": str(tc.solver), "solver_steps": tc.solver_steps, "power_iters": tc.power_iters,
         "sparsity_weight": tc.sparsity_weight,
         "step_s": {n: spread(t) for n, t in times.items()},
         "phase_s": {n: {k: spread(v[2:]) for k, v in ph.items()} for n, ph in phases.items()},  # after warm-up

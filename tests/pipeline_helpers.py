@@ -111,7 +111,7 @@ def git(project: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
 
 def smoke_cfg(name: str = SMOKE, overrides: Iterable[str] = ()):
     """The composed configuration (a ``Config``) of a smoke experiment as the tests run it."""
-    from locallip.pipeline.config import compose
+    from locallip.foundation.compose import compose
 
     return compose(name, [*SPEED_OVERRIDES, *overrides], config_dir=REPO / "config")
 

@@ -82,3 +82,14 @@ def set_threads(threads: int, group: Group) -> None:
     """``threads`` for the whole job, shared by its processes (0: torch's default)."""
     if threads > 0:
         torch.set_num_threads(max(1, threads // group.world))
+
+
+def choose_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device a stage runs on: "cuda" (an error without one), "cpu", or "auto" (CUDA when present)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

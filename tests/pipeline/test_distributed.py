@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from locallip.pipeline import layout as paths
-from locallip.pipeline.checkpoints import load_model
-from locallip.pipeline.config import plain, stage_config
+from locallip.foundation import layout as paths
+from locallip.nn.checkpoint import load_model
+from locallip.foundation.compose import plain
+from locallip.pipeline.table import stage_config
 
 from pipeline_helpers import REPO, SMOKE, VENV_BIN, env_for, smoke_cfg, smoke_project
 

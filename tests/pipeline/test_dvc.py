@@ -19,8 +19,10 @@ import yaml
 import sys
 
 from locallip.pipeline import dag
-from locallip.pipeline import layout as paths
-from locallip.pipeline.config import compose, plain, radius_tag, stage_config
+from locallip.foundation import layout as paths
+from locallip.foundation.compose import compose, plain
+from locallip.foundation.ranges import radius_tag
+from locallip.pipeline.table import stage_config
 
 from pipeline_helpers import (REPO, SMOKE, SMOKE_BASELINE, SPEED_OVERRIDES, clone_project, copy_project, dvc,
                               dvc_pipeline as run_orchestrate, git, job_keys, mtimes, new_radius, outputs_of,

@@ -26,10 +26,12 @@ import pytest
 import torch
 
 from locallip.pipeline import cli
-from locallip.pipeline import layout as paths
-from locallip.pipeline.checkpoints import load_model, save_model
-from locallip.pipeline.config import RunConfig, compose, plain, stage_config
-from locallip.pipeline.files import StageBusy, stage_lock
+from locallip.foundation import layout as paths
+from locallip.nn.checkpoint import load_model, save_model
+from locallip.foundation.compose import compose, plain
+from locallip.foundation.schema import RunConfig
+from locallip.pipeline.table import stage_config
+from locallip.foundation.files import StageBusy, stage_lock
 from locallip.stages.certify import run_certify
 from locallip.stages.report import run_report
 from locallip.stages.train import run_train
@@ -184,7 +186,7 @@ def test_report_settings_come_from_the_certificates(smoke):
 def test_a_second_run_on_the_same_output_fails_at_once(tmp_path, monkeypatch, capsys):
     out = tmp_path / "results" / "smoke" / "train" / "model.pt"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from locallip.pipeline.files import stage_lock\n"
+        "import sys, time; from locallip.foundation.files import stage_lock\n"
         f"with stage_lock({str(out)!r}, 'train'):\n    print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True, env=env_for(REPO))
     try:
@@ -247,7 +249,7 @@ def test_override_after_options_is_accepted(capsys, monkeypatch):
 
 
 def test_divergence_is_a_clean_error(small_data, tmp_path, capsys, monkeypatch):
-    import locallip.stages.train as train_mod
+    import locallip.training as train_mod
 
     monkeypatch.setattr(train_mod, "robust_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), {}))
     cfg = json.dumps(plain(_short_train_cfg()))

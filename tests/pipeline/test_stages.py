@@ -19,8 +19,11 @@ import torch
 from locallip.certify import certify
 from locallip.data.splits import load_splits, save_splits, to_tensors
 from locallip.pipeline import cli
-from locallip.pipeline.checkpoints import CheckpointError, load_model, save_model
-from locallip.pipeline.config import RunConfig, compose, plain, stage_config
+from locallip.foundation.checkpoints import CheckpointError
+from locallip.nn.checkpoint import load_model, save_model
+from locallip.foundation.compose import compose, plain
+from locallip.foundation.schema import RunConfig
+from locallip.pipeline.table import stage_config
 from locallip.stages.calibrate import run_calibrate, threshold_layers
 from locallip.stages.certify import run_certify
 from locallip.stages.train import run_train

@@ -16,8 +16,10 @@ import pytest
 import yaml
 
 from locallip.pipeline import dag
-from locallip.pipeline import layout as paths
-from locallip.pipeline.config import compose, experiment_names, plain, radius_tag, stage_config
+from locallip.foundation import layout as paths
+from locallip.foundation.compose import compose, experiment_names, plain
+from locallip.foundation.ranges import radius_tag
+from locallip.pipeline.table import stage_config
 
 from pipeline_helpers import (REPO, SMOKE, SMOKE_BASELINE, SPEED_OVERRIDES, clone_project, copy_project,
                               inspect_workflow, job_keys, mtimes, new_radius, outputs_of, planned_jobs,

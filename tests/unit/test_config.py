@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from locallip.pipeline.config import (STAGE_TYPES, STAGES, Arch, Bound, ConfigError, DatasetName, Guarantee,
-                                      compose, experiment_names, from_plain, plain, stage_config)
+from locallip.foundation.compose import compose, experiment_names, from_plain, plain
+from locallip.foundation.schema import Arch, Bound, ConfigError, DatasetName, Guarantee
+from locallip.pipeline.table import STAGE_TYPES, STAGES, stage_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config"
@@ -60,7 +61,7 @@ BAD = [
     "certify.delta=1", "certify.inflation=0", "certify.steps=0", "certify.seed=-1", "certify.radii=[]",
     "certify.radii=[0.1,0.1]", "certify.radii=[-0.1]", "certify.curve_tol=0", "certify.curve_max_radius=0",
     "train.val_every=0", "train.batch_size=0", "train.epochs=0", "train.lr=0", "train.lr=inf",
-    "train.lr_decay=0", "train.kappa_end=2", "train.local_steps=0", "train.power_iters=0",
+    "train.lr_decay=0", "train.kappa_end=2", "train.solver_steps=0", "train.power_iters=0",
     "train.diagnostics_size=-1", "train.eps_train=-0.1", "train.val_max_iter=0",
     "calibrate.tol=inf", "calibrate.batch_size=0", "calibrate.max_clean_drop=1.5", "calibrate.scales=[]",
     "calibrate.scales=[0,1]", "dataset.val_size=0", "dataset.seed=-1", "dataset.train_limit=0",

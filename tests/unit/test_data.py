@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 from locallip.data import tinyimagenet
-from locallip.data.catalog import DATASETS
+from locallip.foundation.catalog import DATASETS
 from locallip.data.sources import prepare_splits
 from locallip.stages.download import run_download
 from locallip.data.splits import (DataError, Splits, augment, load_splits,
@@ -202,7 +202,7 @@ def fake_mnist_root(tmp_path):
 
 
 def test_registry_lists_every_configurable_dataset():
-    from locallip.pipeline.config import DatasetName
+    from locallip.foundation.schema import DatasetName
 
     assert set(DATASETS) == {d.value for d in DatasetName}
     for info in DATASETS.values():

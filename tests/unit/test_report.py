@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from locallip.pipeline.config import compose, radius_tag
+from locallip.foundation.compose import compose
+from locallip.foundation.ranges import radius_tag
 from locallip.stages.report import run_report
 from locallip.stages.report import plots as P
 from locallip.stages.report import tables as T
@@ -291,6 +292,7 @@ def test_report_names_settings_that_differ_from_the_committed_config(dirs):
 
 
 def _certify_settings():
-    from locallip.pipeline.config import plain, stage_config
+    from locallip.foundation.compose import plain
+    from locallip.pipeline.table import stage_config
     s = plain(stage_config(compose("mnist5k", config_dir=REPO / "config"), "certify", 0.3))
     return s["certify"]

@@ -1,13 +1,16 @@
-# Shared by all rules: the composed configuration and small lookups into
-# locallip.pipeline.dag, which defines every stage's inputs, outputs, settings and
-# command (the same graph the DVC generator and the report read).
+# Shared by all rules: the composed configuration and small lookups into the stage table
+# (locallip.pipeline.table) and the graph built on it (locallip.pipeline.dag), which define
+# every stage's inputs, outputs, settings and command (the same the DVC generator and the
+# report read).
 import re
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from locallip.pipeline import dag, layout
-from locallip.pipeline.config import ConfigError
+from locallip.foundation import layout
+from locallip.foundation.schema import ConfigError
+from locallip.pipeline import dag
+from locallip.pipeline.table import STAGES
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -37,7 +40,7 @@ def default_reports():
 
 
 def _job(stage, wildcards):
-    radius = dag.parse_radius_tag(wildcards.radius) if stage == "certify" else None
+    radius = dag.parse_radius_tag(wildcards.radius) if "radius" in wildcards.keys() else None
     return dag.job(EXPERIMENT_CONFIGS, wildcards.experiment, stage, radius)
 
 
@@ -48,12 +51,11 @@ def stage_inputs(stage):
 
 def stage_command(stage):
     """params: function -> the job's command line (its settings inline, tracked as a param)."""
-    return lambda wildcards: dag.shell(dag.command(_job(stage, wildcards), "json",
-                                                   processes=processes(wildcards)))
+    return lambda wildcards: dag.shell(dag.command(_job(stage, wildcards), "json", processes=processes(wildcards)))
 
 
 def processes(wildcards):
-    """run.processes of the experiment: data-parallel processes (GPUs) of train, certify and radii."""
+    """run.processes of the experiment: data-parallel processes (GPUs) of the parallel stages."""
     return EXPERIMENT_CONFIGS[wildcards.experiment].run.processes
 
 
@@ -61,6 +63,25 @@ def gpus(wildcards):
     return max(1, processes(wildcards))
 
 
-def output_patterns(stage):
-    """The job's outputs with wildcards ({experiment}, {radius})."""
-    return dag.outputs(stage, EXP, "{radius}")
+def stage_outputs(stage):
+    """The job's outputs with wildcards ({experiment}, {radius}), those the table lists for
+    Snakemake's HTML report wrapped in report()."""
+    out = {}
+    for key, path in stage.outputs(EXP, "{radius}").items():
+        item = stage.report.get(key)
+        if item is None:
+            out[key] = path
+            continue
+        labels = {"experiment": "{experiment}", **({"radius": "{radius}"} if stage.per_radius else {}), **item.labels}
+        extra = {"subcategory": item.subcategory} if item.subcategory else {}
+        out[key] = report(path, caption=f"../report/{item.caption}", category=item.category, labels=labels, **extra)
+    return out
+
+
+def stage_log(stage):
+    return f"{LOGS}/{stage.name}" + ("_{radius}" if stage.per_radius else "") + ".log"
+
+
+def stage_resources(stage):
+    """The table's resources; stages that run on a GPU ask for as many as they use processes."""
+    return {**stage.resources, **({} if stage.local else {"gpu": gpus})}

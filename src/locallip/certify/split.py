@@ -18,21 +18,12 @@ from torch import nn
 
 from ..attack import pgd_l2
 from ..bounds import GUARANTEED, GlobalBound, global_bound
-from ..distributed import Group, shard
+from ..distributed import Group, choose_device, shard
 from .cascade import CERTIFYING_STEPS, STEPS, Certificate, certify
 from .radius import certified_radius, global_certified_radius
 from .summary import split_summary
 
 Tensor = torch.Tensor
-
-
-def certification_device(name: str = "auto") -> torch.device:
-    """CUDA when asked for or available ("auto"), else the CPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def certification_dtype(name: str) -> torch.dtype:
@@ -57,7 +48,7 @@ def level_settings(cfg, level: str) -> dict:
 
 def prepare(model: nn.Module, x: Tensor, cfg) -> Tuple[nn.Module, GlobalBound, torch.device, torch.dtype]:
     """The model in the certification dtype on the device, and its guaranteed global bound."""
-    dtype, device = certification_dtype(str(cfg.dtype)), certification_device()
+    dtype, device = certification_dtype(str(cfg.dtype)), choose_device("auto")
     model = model.to(device=device, dtype=dtype).eval()
     return model, global_bound(model, method="guaranteed", input_shape=tuple(x.shape[1:])), device, dtype
 
@@ -187,5 +178,5 @@ def radii_split(model: nn.Module, x: Tensor, y: Tensor, cfg, max_radius: float, 
     return sorted((r for part in group.all_gather(rows) for r in part), key=lambda r: r["index"])
 
 
-__all__ = ["CERTIFYING_STEPS", "GUARANTEED", "batches", "certification_device", "certification_dtype",
-           "certify_split", "level_settings", "prepare", "radii_split"]
+__all__ = ["CERTIFYING_STEPS", "GUARANTEED", "batches", "certification_dtype", "certify_split", "level_settings",
+           "prepare", "radii_split"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 from urllib.error import URLError
 
-from ..pipeline.config import DatasetConfig
+from ..foundation.schema import DatasetConfig
 from .splits import DataError
 
 

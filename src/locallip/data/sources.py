@@ -19,10 +19,11 @@ from typing import Mapping, Tuple, Union
 
 import numpy as np
 
-from ..pipeline.config import ConfigError, DatasetConfig, from_plain, plain
-from ..pipeline.files import atomic_path
+from ..foundation.compose import from_plain, plain
+from ..foundation.schema import ConfigError, DatasetConfig
+from ..foundation.files import atomic_path
 from .archives import as_directory, find_file, install_dir, root_dir, source_path, torchvision_dataset
-from .catalog import DATASETS
+from ..foundation.catalog import DATASETS
 from .raw import Raw
 from .splits import FORMAT_VERSION, SPLITS, DataError, Splits, describe
 from .tinyimagenet import load_tinyimagenet

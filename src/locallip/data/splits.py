@@ -18,7 +18,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from ..pipeline.files import atomic_path
+from ..foundation.files import atomic_path
 
 FORMAT_VERSION = 1
 

@@ -12,10 +12,10 @@ from urllib.error import URLError
 
 import numpy as np
 
-from ..pipeline.config import DatasetConfig
-from ..pipeline.files import file_digest
+from ..foundation.schema import DatasetConfig
+from ..foundation.files import file_digest
 from .archives import as_directory, first_line, install_dir, root_dir, source_path
-from .catalog import DATASETS
+from ..foundation.catalog import DATASETS
 from .raw import Raw
 from .splits import DataError
 

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .catalog import ACTIVATIONS
+from ..foundation.catalog import ACTIVATIONS
 
 Tensor = torch.Tensor
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .activations import make_activation
-from .catalog import ARCHITECTURES
+from ..foundation.catalog import ARCHITECTURES
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel. Treated by the bounds as part of the first layer."""

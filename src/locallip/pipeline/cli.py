@@ -1,17 +1,16 @@
-"""``locallip`` command line: one thin command per pipeline stage.
+"""``locallip`` command line: one thin command per stage of the table (``pipeline.table``).
 
 Configuration comes either composed by Hydra from ``config/`` (positional
 overrides, ``experiment=NAME`` picks the experiment) or, as orchestrators pass
 it, already composed: ``--cfg-json`` (a JSON string) or ``--cfg-file`` (JSON or
 YAML, optionally ``--cfg-key a.b`` inside it). Paths default to the layout in
-``locallip.pipeline.layout``. Overrides may come before or after the options.
+``locallip.foundation.layout``. Overrides may come before or after the options.
 
-    locallip config experiment=mnist5k train.epochs=3
-    locallip download experiment=mnist5k
-    locallip train experiment=mnist5k
-    locallip certify experiment=mnist5k --radius 0.3
-    locallip radii experiment=mnist5k
-    locallip report experiment=mnist5k
+    locallip config experiment=mnist5k_r158 train.epochs=3
+    locallip download experiment=mnist5k_r158
+    locallip train experiment=mnist5k_r158
+    locallip certify experiment=mnist5k_r158 --radius 1.58
+    locallip report experiment=mnist5k_r158
 
 Exit status: 0 done, 2 bad input (a one-line message), 3 the attack audit broke a
 certificate, 4 training diverged, 130 interrupted.
@@ -22,12 +21,14 @@ import argparse
 import json
 import math
 import sys
+from importlib import import_module
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from . import layout
-from .config import (STAGE_TYPES, STAGES, Config, ConfigError, RunConfig, compose, experiment_names, from_plain,
-                     plain, stage_config)
+from ..foundation.compose import compose, experiment_names, from_plain, plain
+from ..foundation.schema import ConfigError, RunConfig
+from . import dag
+from .table import NAMES, STAGES, Stage, stage, stage_config
 
 
 def _parse_radius(text: str) -> float:
@@ -74,7 +75,16 @@ def _load_cfg_file(path: str, key: Optional[str]) -> dict:
     return data
 
 
-def resolve(args, stage: str):
+def _composed(experiment: Optional[str], overrides: List[str]):
+    """The experiment's configuration, and those its report shows beside it."""
+    cfg = compose(experiment, overrides)
+    cfgs = {cfg.name: cfg}
+    for b in cfg.report.baselines:
+        cfgs[b] = compose(b, overrides)
+    return cfg, cfgs
+
+
+def resolve(args, s: Stage):
     """(the stage's typed configuration, run options), from --cfg-json / --cfg-file or composed."""
     radius = getattr(args, "radius", None)
     run = RunConfig()
@@ -90,28 +100,26 @@ def resolve(args, stage: str):
             data = _load_cfg_file(args.cfg_file, args.cfg_key)
         if not isinstance(data, dict):
             raise ConfigError("stage configuration must be a mapping")
-        if stage == "certify":
+        if s.per_radius:
+            radius = data.get("radius") if radius is None else radius
             if radius is None:
-                radius = data.get("radius")
-            if radius is None:
-                raise ConfigError("certify needs --radius")
+                raise ConfigError(f"{s.name} needs --radius")
             data = dict(data, radius=float(radius))
-        cfg = from_plain(STAGE_TYPES[stage], data, f"{stage} configuration")
+        cfg = from_plain(s.config, data, f"{s.name} configuration")
     else:
-        experiment, rest = _split_overrides(args.overrides)
-        full = compose(experiment, rest)
-        if stage == "certify" and radius is None:
-            raise ConfigError("certify needs --radius")
-        cfg, run = stage_config(full, stage, radius), full.run
+        if s.per_radius and radius is None:
+            raise ConfigError(f"{s.name} needs --radius")
+        full, cfgs = _composed(*_split_overrides(args.overrides))
+        cfg, run = from_plain(s.config, dag.job(cfgs, full.name, s.name, radius).params), full.run
     if getattr(args, "threads", None) is not None:
-        run = RunConfig(progress=run.progress, threads=args.threads)
+        run = RunConfig(progress=run.progress, threads=args.threads, processes=run.processes)
     if getattr(args, "progress", None) is not None:
-        run = RunConfig(progress=args.progress, threads=run.threads)
+        run = RunConfig(progress=args.progress, threads=run.threads, processes=run.processes)
     return cfg, run
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=mnist5k train.epochs=3")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=mnist5k_r158 train.epochs=3")
     p.add_argument("--cfg-json", help="already composed stage configuration (JSON)")
     p.add_argument("--cfg-file", help="already composed configuration file (JSON or YAML)")
     p.add_argument("--cfg-key", help="dotted key of the stage configuration inside --cfg-file")
@@ -120,10 +128,29 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="progress bars (overrides run.progress)")
 
 
+def _run_stage(args) -> int:
+    """Any stage of the table: its settings, its paths (given, or the layout's), then its function."""
+    s = stage(args.command)
+    cfg, run = resolve(args, s)
+    radius = getattr(cfg, "radius", None)
+    name = cfg.config.name if hasattr(cfg, "config") else cfg.name
+    defaults = {k: (v[0] if v else None) for k, v in s.inputs(cfg).items()}
+    defaults.update(s.outputs(name, radius))
+    defaults.update(s.options(cfg))
+    paths = {}
+    for key in s.flags:
+        given = getattr(args, key)
+        value = given if given not in (None, []) else defaults.get(key)
+        paths[key] = [Path(v) for v in value] if isinstance(value, list) else (None if value is None else Path(value))
+    fn = getattr(import_module(f"locallip.{s.module}"), s.function)
+    fn(cfg, run=run, **paths)
+    return 0
+
+
 def _cmd_config(args) -> int:
     experiment, rest = _split_overrides(args.overrides)
-    cfg = compose(experiment, rest)
-    out = plain(stage_config(cfg, args.stage, args.radius) if args.stage else cfg)
+    cfg, cfgs = _composed(experiment, rest)
+    out = plain(stage_config(cfg, args.stage, args.radius, cfgs) if args.stage else cfg)
     if args.format == "yaml":
         import yaml
         print(yaml.safe_dump(out, sort_keys=False), end="")
@@ -138,63 +165,18 @@ def _cmd_experiments(args) -> int:
     return 0
 
 
-def _cmd_download(args) -> int:
-    from ..stages.download import run_download
-    cfg, _ = resolve(args, "download")
-    run_download(cfg, Path(args.out or layout.splits(cfg.name)))
-    return 0
-
-
-def _cmd_train(args) -> int:
-    from ..stages.train import run_train
-    cfg, run = resolve(args, "train")
-    name = cfg.name
-    run_train(cfg, data=Path(args.data or layout.splits(name)), out=Path(args.out or layout.model(name)),
-              metrics=Path(args.metrics or layout.train_metrics(name)),
-              state=Path(args.state or layout.train_state(name)), run=run)
-    return 0
-
-
-def _cmd_calibrate(args) -> int:
-    from ..stages.calibrate import run_calibrate
-    cfg, run = resolve(args, "calibrate")
-    name = cfg.name
-    run_calibrate(cfg, data=Path(args.data or layout.splits(name)), model=Path(args.model or layout.model(name)),
-                  out=Path(args.out or layout.calibrated_model(name)),
-                  summary=Path(args.summary or layout.calibration(name)), run=run)
-    return 0
-
-
-def _cmd_certify(args) -> int:
-    from ..stages.certify import run_certify
-    cfg, run = resolve(args, "certify")
-    name, radius = cfg.name, cfg.radius
-    run_certify(cfg, data=Path(args.data or layout.splits(name)),
-                model=Path(args.model or layout.calibrated_model(name)),
-                out=Path(args.out or layout.certificate(name, radius)),
-                table=Path(args.table or layout.certificate_table(name, radius)), run=run)
-    return 0
-
-
-def _cmd_radii(args) -> int:
-    from ..stages.radii import run_radii
-    cfg, run = resolve(args, "radii")
-    run_radii(cfg, data=Path(args.data or layout.splits(cfg.name)),
-              model=Path(args.model or layout.calibrated_model(cfg.name)),
-              out=Path(args.out or layout.radii_table(cfg.name)), run=run)
-    return 0
-
-
-def _cmd_report(args) -> int:
-    from ..stages.report import run_report
-    cfg, _ = resolve(args, "report")
-    assert isinstance(cfg, Config)
-    baseline = cfg.report.baseline
-    baseline_dir = args.baseline_dir or (str(layout.experiment_dir(baseline)) if baseline else None)
-    run_report(cfg, experiment_dir=Path(args.experiment_dir or layout.experiment_dir(cfg.name)),
-               out=Path(args.out or layout.report(cfg.name)),
-               baseline_dir=Path(baseline_dir) if baseline_dir else None)
-    return 0
+def _add_stage_parser(sub, s: Stage) -> argparse.ArgumentParser:
+    p = sub.add_parser(s.name, help=s.help)
+    _add_config_args(p)
+    if s.per_radius:
+        p.add_argument("--radius", type=_parse_radius)
+    for key, flag in s.flags.items():
+        if key.endswith("_dirs"):  # several paths: the flag is repeated
+            p.add_argument(flag, dest=key, action="append", default=[], help=f"{key.replace('_', ' ')} (repeatable)")
+        else:
+            p.add_argument(flag, dest=key, help=key.replace("_", " "))
+    p.set_defaults(func=_run_stage)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the composed configuration")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--stage", choices=STAGES, help="print only what this stage receives")
+    p.add_argument("--stage", choices=NAMES, help="print only what this stage receives")
     p.add_argument("--radius", type=_parse_radius)
     p.add_argument("--format", choices=("json", "yaml"), default="json")
     p.set_defaults(func=_cmd_config)
@@ -214,55 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiments", help="list the experiments in config/experiment/")
     p.set_defaults(func=_cmd_experiments)
 
-    p = sub.add_parser("download", help="fetch and verify the dataset, write the splits")
-    _add_config_args(p)
-    p.add_argument("--out", help="splits file (.npz)")
-    p.set_defaults(func=_cmd_download)
-    parser.stage_parsers["download"] = p
-
-    p = sub.add_parser("train", help="train with the local (or global) bound")
-    _add_config_args(p)
-    p.add_argument("--data")
-    p.add_argument("--out", help="best checkpoint (by validation certified accuracy)")
-    p.add_argument("--metrics", help="per-epoch metrics (JSON)")
-    p.add_argument("--state", help="resume checkpoint, rewritten every epoch")
-    p.set_defaults(func=_cmd_train)
-    parser.stage_parsers["train"] = p
-
-    p = sub.add_parser("calibrate", help="choose clipping thresholds on the calibration split")
-    _add_config_args(p)
-    p.add_argument("--data")
-    p.add_argument("--model")
-    p.add_argument("--out", help="calibrated checkpoint")
-    p.add_argument("--summary", help="what was tried and chosen (JSON)")
-    p.set_defaults(func=_cmd_calibrate)
-    parser.stage_parsers["calibrate"] = p
-
-    p = sub.add_parser("certify", help="certify the test split at one radius")
-    _add_config_args(p)
-    p.add_argument("--radius", type=_parse_radius)
-    p.add_argument("--data")
-    p.add_argument("--model")
-    p.add_argument("--out", help="summary (JSON)")
-    p.add_argument("--table", help="per-sample table (CSV)")
-    p.set_defaults(func=_cmd_certify)
-    parser.stage_parsers["certify"] = p
-
-    p = sub.add_parser("radii", help="per test point, the largest certified radius (for the report's curve)")
-    _add_config_args(p)
-    p.add_argument("--data")
-    p.add_argument("--model")
-    p.add_argument("--out", help="per-point radii (CSV)")
-    p.set_defaults(func=_cmd_radii)
-    parser.stage_parsers["radii"] = p
-
-    p = sub.add_parser("report", help="write results/<experiment>/report.md")
-    _add_config_args(p)
-    p.add_argument("--experiment-dir")
-    p.add_argument("--baseline-dir")
-    p.add_argument("--out")
-    p.set_defaults(func=_cmd_report)
-    parser.stage_parsers["report"] = p
+    for s in STAGES:
+        parser.stage_parsers[s.name] = _add_stage_parser(sub, s)
     return parser
 
 
@@ -277,11 +212,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.command = sub_name
     else:
         args = parser.parse_args(argv)
-    from .checkpoints import CheckpointError
-    from .files import StageBusy
+    from ..foundation.checkpoints import CheckpointError
+    from ..foundation.files import StageBusy
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, StageBusy) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, StageBusy, PermissionError) as e:
         print(f"locallip {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,155 +1,55 @@
-"""The pipeline graph: every stage's inputs, outputs, tracked settings and command, in one place.
+"""The pipeline graph, from the stage table: every job's inputs, outputs, tracked settings and command.
 
-    download --> train --> calibrate --> certify (one job per radius) --> report
-
-The Snakemake rules (``workflow/rules/*.smk``), the DVC generator
-(``workflow/scripts/dvc_pipeline.py``) and the report's "how to reproduce"
-section all read ``job(...)`` and ``command(...)`` from here, so a stage's
-command is written once. A stage also depends on the package code it runs
-(``code_deps``: its own module and the core it imports; the pipeline package
-itself is infrastructure whose changes do not alter results).
+The Snakemake rules (``workflow/rules/stages.smk``), the DVC generator (``pipeline.dvc``)
+and the report's "how to reproduce" section all read ``job(...)`` and ``command(...)``
+from here, so a stage's command is written once. A stage also depends on the package
+code it runs (``provenance.code_deps``: its own module and the core it imports).
 
 No torch is imported here: orchestrators parse the graph without it.
 """
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
-from . import layout
-from .config import STAGES, Config, ConfigError, compose, experiment_names, plain, radius_tag, stage_config
+from ..foundation.compose import compose, experiment_names, plain
+from ..foundation.provenance import SRC_DIR, code_deps
+from ..foundation.ranges import parse_radius_tag, radius_tag  # noqa: F401 (re-exported for the rules)
+from ..foundation.schema import Config, ConfigError
+from .table import NAMES, STAGES, Stage, stage
 
-PACKAGE = "locallip"
-SRC_DIR = Path("src") / PACKAGE
-#: Stage -> the package module it runs.
-STAGE_MODULES = {"download": "stages.download", "train": "stages.train", "calibrate": "stages.calibrate",
-                 "certify": "stages.certify", "radii": "stages.radii", "report": "stages.report"}
-#: Module prefixes whose changes never change a stage's results: the pipeline (CLI, composition,
-#: layout, file helpers; settings are tracked as parameters, paths as file names) and the package root.
-INFRA_PREFIXES = ("pipeline",)
-INFRA_MODULES = frozenset({""})
 RADIUS_TAG_RE = r"[0-9]+(\.[0-9]+)?(e[-+]?[0-9]+)?"
-
-
-# --------------------------------------------------------------------------- code dependencies
-
-
-def _module_file(module: str, src_dir: Path) -> Optional[Path]:
-    """The file of dotted package module ``module`` ('bounds.spectral'), or None."""
-    if not module:
-        path = src_dir / "__init__.py"
-        return path if path.is_file() else None
-    base = src_dir.joinpath(*module.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def _package_imports(module: str, path: Path) -> set:
-    """Dotted names of the package modules ``module`` (at ``path``) imports, at any depth.
-
-    ``from .x import y`` may name a submodule ``y`` of package ``x``: both are candidates,
-    and names that are not modules are dropped by the caller.
-    """
-    tree = ast.parse(path.read_text(), filename=str(path))
-    here = module.split(".") if module else []
-    package = here if path.name == "__init__.py" else here[:-1]
-    found = set()
-
-    def add(base: List[str], names) -> None:
-        found.add(".".join(base))
-        for a in names:
-            found.add(".".join(base + a.name.split(".")))
-
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:  # from .x import y / from . import x / from ..nn import z
-                base = package[:len(package) - (node.level - 1)]
-                add(base + (node.module.split(".") if node.module else []), node.names)
-            elif node.module and node.module.split(".")[0] == PACKAGE:
-                add(node.module.split(".")[1:], node.names)
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                parts = a.name.split(".")
-                if parts[0] == PACKAGE and len(parts) > 1:
-                    found.add(".".join(parts[1:]))
-    return found
-
-
-def _is_infra(module: str) -> bool:
-    return module in INFRA_MODULES or module.split(".")[0] in INFRA_PREFIXES
-
-
-def code_deps(stage: str, src_dir: Path = SRC_DIR) -> List[str]:
-    """Source files (paths as given by ``src_dir``) whose changes must rerun ``stage``.
-
-    The stage module plus, transitively, every package module it imports (and the
-    ``__init__`` of their packages), minus the infrastructure. Sorted.
-    """
-    if stage not in STAGE_MODULES:
-        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    src_dir = Path(src_dir)
-    start = STAGE_MODULES[stage]
-    if _module_file(start, src_dir) is None:
-        raise ConfigError(f"stage {stage!r} runs module {start}, which is not in {src_dir}")
-    files: Dict[str, Path] = {}
-    seen: set = set()
-    todo = [start]
-    while todo:
-        mod = todo.pop()
-        if mod in seen or _is_infra(mod):
-            continue
-        seen.add(mod)
-        path = _module_file(mod, src_dir)
-        if path is None:
-            continue  # an imported name that is not a module
-        files[mod] = path
-        parts = mod.split(".")
-        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages run first
-        todo.extend(_package_imports(mod, path) - seen)
-    return sorted(p.as_posix() for p in files.values())
-
-
-def code_version(stage: str) -> str:
-    """Digest of the code ``stage`` runs (file names and contents of ``code_deps``), from the
-    installed package: a checkpoint or certificate records it, and resuming requires it."""
-    src = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for f in code_deps(stage, src):
-        h.update(Path(f).relative_to(src).as_posix().encode() + b"\0" + Path(f).read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+SNAKEMAKE_CONFIG = Path("workflow") / "config" / "config.yaml"
+SETTINGS_SCHEMA = Path("workflow") / "schemas" / "config.schema.yaml"
 
 
 # --------------------------------------------------------------------------- orchestration settings
 
 
+def _schema_file() -> Path:
+    here = Path.cwd() / SETTINGS_SCHEMA
+    return here if here.is_file() else Path(__file__).resolve().parents[3] / SETTINGS_SCHEMA
+
+
 def normalize_settings(settings: Mapping) -> dict:
-    """Defaults and type checks of the orchestration settings (``experiments``, ``overrides``,
-    ``experiment_overrides``), as the workflow's JSON schema states them."""
-    unknown = set(settings) - {"experiments", "overrides", "experiment_overrides"}
-    if unknown:
-        raise ConfigError(f"unknown workflow setting(s): {', '.join(sorted(unknown))}")
-    experiments = settings.get("experiments", ["mnist5k", "mnist5k_r158"])
-    overrides = settings.get("overrides", []) or []
-    per = settings.get("experiment_overrides", {}) or {}
+    """The orchestration settings (``experiments``, ``overrides``, ``experiment_overrides``) checked
+    against the workflow's JSON schema (the one Snakemake validates its config with), defaults filled in."""
+    import jsonschema
+    import yaml
 
-    def strings(x, what):
-        if not isinstance(x, (list, tuple)) or not all(isinstance(s, str) for s in x):
-            raise ConfigError(f"{what} must be a list of strings, got {x!r}")
-        return list(x)
-
-    experiments = strings(experiments, "experiments")
-    overrides = strings(overrides, "overrides")
-    if not isinstance(per, Mapping):
-        raise ConfigError(f"experiment_overrides must be a mapping, got {per!r}")
-    per = {str(k): strings(v, f"experiment_overrides[{k}]") for k, v in per.items()}
-    return {"experiments": experiments, "overrides": overrides, "experiment_overrides": per}
+    schema = yaml.safe_load(_schema_file().read_text())
+    data = dict(settings)
+    try:
+        jsonschema.validate(data, schema)
+    except jsonschema.ValidationError as e:
+        where = ".".join(str(p) for p in e.absolute_path) or "the workflow settings"
+        raise ConfigError(f"workflow setting {where}: {e.message}") from None
+    for key, spec in schema["properties"].items():
+        data.setdefault(key, json.loads(json.dumps(spec.get("default"))))
+    return data
 
 
 def load_settings(configfile: Optional[Path] = None) -> dict:
@@ -161,9 +61,6 @@ def load_settings(configfile: Optional[Path] = None) -> dict:
         raise ConfigError(f"config file not found: {path}")
     data = yaml.safe_load(path.read_text()) if path.is_file() else {}
     return normalize_settings(data or {})
-
-
-SNAKEMAKE_CONFIG = Path("workflow") / "config" / "config.yaml"
 
 
 def compose_all(overrides: Sequence[str] = (), experiment_overrides: Optional[Mapping] = None,
@@ -196,10 +93,12 @@ def compose_all(overrides: Sequence[str] = (), experiment_overrides: Optional[Ma
             raise ConfigError(f"experiment {n}: its name is {cfgs[n].name!r}; "
                               f"results/<name>/ must match config/experiment/{n}.yaml")
     for n, cfg in cfgs.items():
-        b = cfg.report.baseline
-        if b is not None and b not in known:
-            raise ConfigError(f"experiment {n}: report.baseline {b!r} is not an experiment; "
-                              f"known: {', '.join(known)}")
+        for b in cfg.report.baselines:
+            if b not in known:
+                raise ConfigError(f"experiment {n}: report.baselines names {b!r}, which is not an experiment; "
+                                  f"known: {', '.join(known)}")
+            if b == n:
+                raise ConfigError(f"experiment {n}: report.baselines names the experiment itself")
     return cfgs
 
 
@@ -214,8 +113,7 @@ def with_baselines(names: Iterable[str], cfgs: Mapping[str, Config]) -> List[str
         if n not in cfgs:
             raise ConfigError(f"unknown experiment {n!r}")
         out.append(n)
-        if cfgs[n].report.baseline is not None:
-            todo.append(cfgs[n].report.baseline)
+        todo.extend(cfgs[n].report.baselines)
     return out
 
 
@@ -225,24 +123,20 @@ def radii(cfg: Config) -> List[float]:
 
 def certify_radii(cfgs: Mapping[str, Config], names: Sequence[str]) -> Dict[str, List[float]]:
     """Radii each experiment is certified at: its own, plus those of the reports that show it
-    as their baseline (a report compares both at the main experiment's radii)."""
+    as a baseline (a report compares every system at the main experiment's radii)."""
     out = {n: radii(cfgs[n]) for n in names}
     for n in names:
-        b = cfgs[n].report.baseline
-        if b is not None and b in out:
-            out[b] += [r for r in radii(cfgs[n]) if r not in out[b]]
+        for b in cfgs[n].report.baselines:
+            if b in out:
+                out[b] += [r for r in radii(cfgs[n]) if r not in out[b]]
     return out
 
 
-def parse_radius_tag(tag: str) -> float:
-    """A file-name radius tag back to the radius; only the canonical spelling is accepted."""
-    try:
-        r = float(tag)
-    except ValueError:
-        raise ConfigError(f"radius tag {tag!r} is not a number") from None
-    if radius_tag(r) != tag:
-        raise ConfigError(f"radius tag {tag!r} is not canonical; use {radius_tag(r)!r}")
-    return r
+def needs(cfgs: Mapping[str, Config], names: Sequence[str], s: Stage, name: str) -> bool:
+    """Whether experiment ``name`` runs stage ``s``: its own setting, or a report showing it needs it."""
+    if s.enabled(cfgs[name]):
+        return True
+    return s.name == "radii" and any(name in cfgs[m].report.baselines and s.enabled(cfgs[m]) for m in names)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -258,86 +152,50 @@ class Job:
     inputs: Dict[str, List[str]]  # named groups of files (data, model, code, ...)
     outputs: Dict[str, str]  # named files the stage writes
     params: dict  # the stage's tracked settings (plain values)
-    options: Dict[str, str] = field(default_factory=dict)  # untracked CLI paths (resume state, baseline dir)
+    options: Dict[str, object] = field(default_factory=dict)  # untracked CLI paths (resume state, baseline dirs)
 
 
-def outputs(stage: str, name: str, radius=None) -> Dict[str, str]:
+def outputs(stage_name: str, name: str, radius=None) -> Dict[str, str]:
     """The files ``stage`` writes for experiment ``name`` (and ``radius``); names and radii may be
     wildcard patterns ('{experiment}', '{radius}'), as Snakemake's rules use them."""
-    if stage == "download":
-        return {"out": str(layout.splits(name))}
-    if stage == "train":
-        return {"out": str(layout.model(name)), "metrics": str(layout.train_metrics(name))}
-    if stage == "calibrate":
-        return {"out": str(layout.calibrated_model(name)), "summary": str(layout.calibration(name))}
-    if stage == "certify":
-        return {"out": str(layout.certificate(name, radius)), "table": str(layout.certificate_table(name, radius))}
-    if stage == "radii":
-        return {"out": str(layout.radii_table(name))}
-    if stage == "report":
-        return report_outputs(name)
-    raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    return stage(stage_name).outputs(name, radius)
 
 
-def job(cfgs: Mapping[str, Config], name: str, stage: str, radius: Optional[float] = None,
+def job(cfgs: Mapping[str, Config], name: str, stage_name: str, radius: Optional[float] = None,
         src_dir: Path = SRC_DIR) -> Job:
-    """The job of ``stage`` for experiment ``name`` (and ``radius`` for certify)."""
-    cfg = cfgs[name]
-    code = code_deps(stage, src_dir)
-    splits = str(layout.splits(name))
-    if stage == "certify" and radius is None:
-        raise ConfigError("certify needs a radius")
-    outs = outputs(stage, name, radius)
-    if stage == "download":
-        return Job(stage, name, None, {"code": code}, outs, plain(stage_config(cfg, stage)))
-    if stage == "train":
-        return Job(stage, name, None, {"data": [splits], "code": code}, outs, plain(stage_config(cfg, stage)),
-                   {"state": str(layout.train_state(name))})
-    if stage == "calibrate":
-        return Job(stage, name, None, {"data": [splits], "model": [str(layout.model(name))], "code": code},
-                   outs, plain(stage_config(cfg, stage)))
-    if stage in ("certify", "radii"):
-        return Job(stage, name, None if radius is None else float(radius),
-                   {"data": [splits], "model": [str(layout.calibrated_model(name))], "code": code},
-                   outs, plain(stage_config(cfg, stage, radius)))
-    if stage == "report":
-        rs = radii(cfg)
-        inputs = {"metrics": [str(layout.train_metrics(name))], "calibration": [str(layout.calibration(name))],
-                  "certificates": [str(layout.certificate(name, r)) for r in rs],
-                  "tables": [str(layout.certificate_table(name, r)) for r in rs],
-                  "radii": [str(layout.radii_table(name))] if cfg.certify.curve else [],
-                  "baseline": [], "code": code}
-        options = {"experiment-dir": str(layout.experiment_dir(name))}
-        b = cfg.report.baseline
-        if b is not None:
-            inputs["baseline"] = ([str(layout.train_metrics(b)), str(layout.calibration(b))]
-                                  + [str(layout.certificate(b, r)) for r in rs]
-                                  + ([str(layout.radii_table(b))] if (cfgs[b] if b in cfgs else cfg).certify.curve
-                                     else []))
-            options["baseline-dir"] = str(layout.experiment_dir(b))
-        return Job(stage, name, None, inputs, outs, plain(stage_config(cfg, stage)), options)
-    raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    """The job of ``stage`` for experiment ``name`` (and ``radius`` for a per-radius stage)."""
+    s = stage(stage_name)
+    if s.per_radius and radius is None:
+        raise ConfigError(f"{s.name} needs a radius")
+    settings = s.settings(cfgs, name, radius if s.per_radius else None)
+    if hasattr(settings, "reproduce"):  # the report: the commands that rebuild its experiment
+        settings.reproduce = reproduce_commands(cfgs, name, src_dir)
+    inputs = dict(s.inputs(settings))
+    inputs["code"] = code_deps(s.module, src_dir)
+    return Job(s.name, name, float(radius) if s.per_radius else None, inputs,
+               s.outputs(name, radius if s.per_radius else None), plain(settings), dict(s.options(settings)))
 
 
-def report_outputs(name: str) -> Dict[str, str]:
-    return {"out": str(layout.report(name)), "training_plot": str(layout.training_plot(name)),
-            "diagnostics_plot": str(layout.diagnostics_plot(name)), "radius_plot": str(layout.radius_plot(name)),
-            "steps_table": str(layout.steps_table(name))}
+def reproduce_commands(cfgs: Mapping[str, Config], name: str, src_dir: Path = SRC_DIR) -> List[str]:
+    """The stage commands (composed from config/) that rebuild experiment ``name``, in order."""
+    out = []
+    for s in STAGES:
+        if s.name == "report" or not s.enabled(cfgs[name]):
+            continue
+        for r in (radii(cfgs[name]) if s.per_radius else [None]):
+            out.append(shell(command(job(cfgs, name, s.name, r, src_dir), "experiment")))
+    return out + [shell(["locallip", "report", f"experiment={name}"])]
 
 
-#: CLI flag of each named output / input / option, per stage.
-_FLAGS = {
-    "download": {"out": "--out"},
-    "train": {"data": "--data", "out": "--out", "metrics": "--metrics", "state": "--state"},
-    "calibrate": {"data": "--data", "model": "--model", "out": "--out", "summary": "--summary"},
-    "certify": {"data": "--data", "model": "--model", "out": "--out", "table": "--table"},
-    "radii": {"data": "--data", "model": "--model", "out": "--out"},
-    "report": {"experiment-dir": "--experiment-dir", "baseline-dir": "--baseline-dir", "out": "--out"},
-}
-
-
-#: Stages that run data-parallel under torchrun when ``run.processes`` > 1.
-PARALLEL_STAGES = ("train", "certify", "radii")
+def jobs(cfgs: Mapping[str, Config], names: Sequence[str]) -> Iterator[Job]:
+    """Every job the experiments ``names`` need (their baselines included in ``names``), in table order."""
+    all_radii = certify_radii(cfgs, names)
+    for n in names:
+        for s in STAGES:
+            if not needs(cfgs, names, s, n):
+                continue
+            for r in (all_radii[n] if s.per_radius else [None]):
+                yield job(cfgs, n, s.name, r)
 
 
 def command(j: Job, source: str = "json", *, params_file: str = "params.yaml",
@@ -349,8 +207,9 @@ def command(j: Job, source: str = "json", *, params_file: str = "params.yaml",
     source="experiment": composed again from ``config/`` (``experiment=NAME`` plus ``overrides``).
     ``processes`` > 1 launches a parallel stage with torchrun on one node (one process per GPU).
     """
+    s = stage(j.stage)
     argv = ["locallip", j.stage]
-    if processes > 1 and j.stage in PARALLEL_STAGES:
+    if processes > 1 and s.parallel:
         argv = ["torchrun", "--standalone", f"--nproc-per-node={processes}", "--no-python"] + argv
     if source == "json":
         argv += ["--cfg-json", json.dumps(j.params, sort_keys=True, separators=(",", ":"))]
@@ -362,14 +221,13 @@ def command(j: Job, source: str = "json", *, params_file: str = "params.yaml",
         raise ValueError(f"unknown command source {source!r}")
     if j.radius is not None:
         argv += ["--radius", radius_tag(j.radius)]
-    flags = _FLAGS[j.stage]
     if source != "experiment":  # composed runs use the default layout
-        for group in ("data", "model"):
-            if group in j.inputs and group in flags:
-                argv += [flags[group], j.inputs[group][0]]
-        for key, value in list(j.outputs.items()) + list(j.options.items()):
-            if key in flags:
-                argv += [flags[key], value]
+        given = {k: v[0] for k, v in j.inputs.items() if k in s.flags and v}
+        given.update({k: v for k, v in list(j.outputs.items()) + list(j.options.items()) if k in s.flags})
+        for key, flag in s.flags.items():
+            value = given.get(key)
+            for v in (value if isinstance(value, list) else [] if value is None else [value]):
+                argv += [flag, str(v)]
     return argv
 
 
@@ -377,10 +235,17 @@ def shell(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
 
-def params_block(cfg: Config, stage: str) -> dict:
-    """A stage's block of params.yaml; certify's is shared by all radii (the radius is a flag)."""
-    if stage == "certify":
-        p = plain(stage_config(cfg, stage, 0.0))
+def params_block(cfg: Config, stage_name: str, cfgs: Optional[Mapping[str, Config]] = None) -> dict:
+    """A stage's block of params.yaml; a per-radius stage's block is shared by all radii (the radius is a flag)."""
+    s = stage(stage_name)
+    everything = dict(cfgs or {})
+    everything[cfg.name] = cfg
+    p = plain(s.settings(everything, cfg.name, 0.0 if s.per_radius else None))
+    if s.per_radius:
         p.pop("radius")
-        return p
-    return plain(stage_config(cfg, stage))
+    return p
+
+
+__all__ = ["Job", "NAMES", "RADIUS_TAG_RE", "SNAKEMAKE_CONFIG", "certify_radii", "command", "compose_all", "job",
+           "jobs", "load_settings", "needs", "normalize_settings", "outputs", "params_block", "parse_radius_tag",
+           "radii", "radius_tag", "shell", "with_baselines"]

@@ -17,10 +17,11 @@ from torch import nn
 
 from ..certify.evaluate import evaluate
 from ..data.splits import load_splits, to_tensors
-from ..pipeline.checkpoints import load_model, save_model
-from ..pipeline.config import CalibrateConfig, CalibrateStage, RunConfig, plain
-from ..pipeline.dag import code_version
-from ..pipeline.files import file_digest, stage_lock, write_json
+from ..nn.checkpoint import load_model, save_model
+from ..foundation.compose import plain
+from ..foundation.schema import CalibrateConfig, CalibrateStage, RunConfig
+from ..foundation.provenance import code_version
+from ..foundation.files import file_digest, stage_lock, write_json
 
 
 def threshold_layers(model: nn.Module) -> List[nn.Module]:
@@ -112,7 +113,7 @@ def _calibrate(cfg: CalibrateStage, data: Path, model: Path, out: Path, summary:
     extra = {k: v for k, v in ckpt.items() if k not in ("format", "spec", "state_dict", "calibration")}
     result = {"applicable": False, "eps": float(cc.eps), "max_clean_drop": float(cc.max_clean_drop),
               "tried": [], "chosen_scale": None, "chosen_scales": None, "before": None, "after": None,
-              "bound": bound, "trained_model_sha256": file_digest(model), "code_version": code_version("calibrate"),
+              "bound": bound, "trained_model_sha256": file_digest(model), "code_version": code_version("stages.calibrate"),
               "settings": plain(cfg)}
     if not threshold_layers(net):
         result["message"] = (f"model activation {net.spec.get('activation')!r} has no clipping thresholds: "

@@ -8,32 +8,22 @@ code and model produce) and records the failure; a later good run removes that r
 """
 from __future__ import annotations
 
-import csv
-import io as _io
 from contextlib import nullcontext
 from pathlib import Path
-from typing import List
 
 from ..certify.split import certify_split
 from ..data.splits import load_splits, to_tensors
-from ..pipeline import layout
-from ..pipeline.checkpoints import load_model
-from ..pipeline.config import CertifyStage, RunConfig, plain
-from ..pipeline.dag import code_version
-from ..pipeline.files import file_digest, stage_lock, write_json, write_text
+from ..foundation import layout
+from ..nn.checkpoint import load_model
+from ..foundation.compose import plain
+from ..foundation.schema import CertifyStage, RunConfig
+from ..foundation.provenance import code_version
+from ..foundation.files import csv_text, file_digest, stage_lock, write_json, write_text
 from ..distributed import Group, process_group, set_threads
 
 
 class AuditFailure(RuntimeError):
     """The attack broke a certified point: the bound or its implementation is wrong."""
-
-
-def rows_to_csv(rows: List[dict]) -> str:
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def run_certify(cfg: CertifyStage, data: Path, model: Path, out: Path, table: Path,
@@ -70,7 +60,7 @@ def _certify(cfg: CertifyStage, data: Path, model: Path, out: Path, table: Path,
                   "experiment": ckpt.get("experiment"), "train_code_version": ckpt.get("code_version"),
                   "calibration": ckpt.get("calibration")},
         "test_split_sha256": {k: splits.meta.get("sha256", {}).get(k) for k in ("test_x", "test_y")},
-        "code_version": code_version("certify"),
+        "code_version": code_version("stages.certify"),
     }
     failed = layout.audit_failure(out)
     if s["attack"]["broken"] > 0:
@@ -82,7 +72,7 @@ def _certify(cfg: CertifyStage, data: Path, model: Path, out: Path, table: Path,
                                                     if r["attack_margin"] is not None and r["attack_margin"] <= 0]})
         raise AuditFailure(f"PGD broke {s['attack']['broken']} of {s['attack']['checked']} certified points at "
                            f"radius {radius}: a certificate is wrong. Details: {failed}")
-    write_text(table, rows_to_csv(result["rows"]))
+    write_text(table, csv_text(result["rows"]))
     write_json(out, s)
     failed.unlink(missing_ok=True)
     levels = "  ".join(f"{lv} {v['certified_acc']:.3f}" for lv, v in s["levels"].items())

@@ -6,11 +6,12 @@ from typing import Mapping, Union
 
 from ..data.sources import prepare_splits
 from ..data.splits import DataError, save_splits
-from ..pipeline.config import ConfigError, DownloadStage, from_plain
-from ..pipeline.files import stage_lock
+from ..foundation.compose import from_plain
+from ..foundation.schema import ConfigError, DownloadStage, RunConfig
+from ..foundation.files import stage_lock
 
 
-def run_download(cfg: Union[DownloadStage, Mapping], out: Path) -> dict:
+def run_download(cfg: Union[DownloadStage, Mapping], out: Path, run: RunConfig = RunConfig()) -> dict:
     """Prepare the splits of ``cfg.dataset`` and write them to ``out``; returns their meta.
 
     ``out`` is written only after everything succeeded (atomic rename), so a failure

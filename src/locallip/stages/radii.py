@@ -16,10 +16,10 @@ from pathlib import Path
 from ..certify.split import radii_split
 from ..data.splits import load_splits, to_tensors
 from ..distributed import process_group, set_threads
-from ..pipeline.checkpoints import load_model
-from ..pipeline.config import RadiiStage, RunConfig
-from ..pipeline.files import stage_lock, write_text
-from .certify import rows_to_csv
+from ..nn.checkpoint import load_model
+from ..foundation.schema import RadiiStage, RunConfig
+from ..foundation.files import csv_text, stage_lock, write_text
+
 
 
 def run_radii(cfg: RadiiStage, data: Path, model: Path, out: Path, run: RunConfig = RunConfig()) -> dict:
@@ -34,7 +34,7 @@ def run_radii(cfg: RadiiStage, data: Path, model: Path, out: Path, run: RunConfi
             rows = radii_split(net, x, y, cfg.certify, cfg.max_radius, cfg.tol, progress=run.progress, group=group,
                                batch_size=cfg.batch_size)
             if group.main:
-                write_text(out, rows_to_csv(rows))
+                write_text(out, csv_text(rows))
                 print(f"[radii] {cfg.name}: {len(rows)} points, local certificate at the {cfg.certify.guarantee} "
                       f"level, up to radius {cfg.max_radius:g} ({time.perf_counter() - t0:.1f}s) -> {out}")
         group.barrier()

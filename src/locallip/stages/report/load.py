@@ -12,8 +12,8 @@ import csv
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from ...pipeline import layout
-from ...pipeline.files import read_json
+from ...foundation import layout
+from ...foundation.files import read_json
 
 RADIUS_MATCH_TOL = 1e-6
 

@@ -1,12 +1,13 @@
 """The report's figures: training curves, fixed neurons and bound ratio per layer, certified
-accuracy against the radius. Written atomically as PNG (no timestamps in the metadata)."""
+accuracy against the radius and against training time. Written atomically as PNG (no
+timestamps in the metadata)."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-from ...pipeline.files import atomic_path
+from ...foundation.files import atomic_path
 from .tables import curve
 
 
@@ -35,9 +36,9 @@ def _series(epochs: Sequence[dict], key: str, index: Optional[int] = None) -> Tu
     return xs, ys
 
 
-def plot_training(metrics: dict, path: Path, title: str = "", baseline_metrics: Optional[dict] = None,
-                  baseline_label: str = "baseline") -> Path:
-    """Loss (top) and validation clean/certified accuracy with the eps schedule (bottom)."""
+def plot_training(metrics: dict, path: Path, title: str = "",
+                  baselines: Sequence[Tuple[str, dict]] = ()) -> Path:
+    """Loss (top) and validation clean/certified accuracy with the eps schedule (bottom); baselines dashed."""
     from matplotlib.ticker import MaxNLocator
 
     fig = _figure((7.5, 6.5))
@@ -46,19 +47,20 @@ def plot_training(metrics: dict, path: Path, title: str = "", baseline_metrics: 
     if not epochs:
         ax_loss.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=ax_loss.transAxes)
     ax_loss.plot(*_series(epochs, "loss"), marker="o", ms=3, label="training loss")
-    if baseline_metrics is not None:
-        ax_loss.plot(*_series(baseline_metrics["epochs"], "loss"), ls="--", color="gray",
-                     label=f"{baseline_label}: training loss")
+    for i, (label, bm) in enumerate(baselines):
+        ax_loss.plot(*_series(bm["epochs"], "loss"), ls="--", color=f"C{3 + i}", alpha=0.7,
+                     label=f"{label}: training loss")
     ax_loss.set_ylabel("loss")
     ax_loss.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
+    ax_loss.legend(fontsize=7)
     for key, marker, color, label in (("val_clean_acc", "o", "C0", "val clean"),
                                       ("val_certified_acc", "s", "C1", "val certified")):
         xs, ys = _series(epochs, key)
         ax_acc.plot(xs, [100 * y for y in ys], marker=marker, ms=3, color=color, label=label)
-        if baseline_metrics is not None:
-            xs, ys = _series(baseline_metrics["epochs"], key)
-            ax_acc.plot(xs, [100 * y for y in ys], ls="--", color=color, alpha=0.6, label=f"{baseline_label}: {label}")
+    for i, (label, bm) in enumerate(baselines):
+        xs, ys = _series(bm["epochs"], "val_certified_acc")
+        ax_acc.plot(xs, [100 * y for y in ys], ls="--", color=f"C{3 + i}", alpha=0.7,
+                    label=f"{label}: val certified")
     best = metrics.get("best_epoch")
     if isinstance(best, int):
         ax_acc.axvline(best, color="k", ls=":", lw=1, label=f"chosen epoch {best}")
@@ -71,8 +73,27 @@ def plot_training(metrics: dict, path: Path, title: str = "", baseline_metrics: 
     ax_eps.set_ylabel("training eps", color="C2")
     h1, l1 = ax_acc.get_legend_handles_labels()
     h2, l2 = ax_eps.get_legend_handles_labels()
-    ax_acc.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
+    ax_acc.legend(h1 + h2, l1 + l2, fontsize=6, loc="lower right")
     fig.suptitle(title or "training")
+    fig.tight_layout()
+    return _save_png(fig, Path(path))
+
+
+def plot_certified_vs_time(curves: Sequence[Tuple[str, Sequence[Tuple[float, float]]]], path: Path,
+                           title: str = "", budget: Optional[float] = None) -> Path:
+    """Validation certified accuracy against cumulative training time, one line per system."""
+    fig = _figure((7, 4.5))
+    ax = fig.subplots()
+    for i, (label, pts) in enumerate(curves):
+        if pts:
+            ax.plot([t for t, _ in pts], [100 * v for _, v in pts], marker="o", ms=3, color=f"C{i}", label=label)
+    if budget:
+        ax.axvline(budget, color="k", ls=":", lw=1, label="this model's training time")
+    ax.set_xlabel("cumulative training time (s)")
+    ax.set_ylabel("validation certified accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or "certified accuracy vs training time")
     fig.tight_layout()
     return _save_png(fig, Path(path))
 
@@ -117,11 +138,10 @@ def plot_bound_diagnostics(metrics: dict, path: Path, title: str = "") -> Path:
 
 
 def plot_certified_vs_radius(rows: Sequence[dict], path: Path, title: str = "",
-                             baseline_rows: Optional[Sequence[dict]] = None, baseline_label: str = "baseline",
-                             paper: Sequence[Any] = (), radii: Optional[Sequence[dict]] = None,
-                             baseline_radii: Optional[Sequence[dict]] = None, level: str = "") -> Path:
-    """Certified accuracy against the radius: curves from per-point certified radii where
-    available, the certified radii as markers, the paper's numbers as stars."""
+                             baselines: Sequence[Tuple[str, Sequence[dict], Optional[Sequence[dict]]]] = (),
+                             paper: Sequence[Any] = (), radii: Optional[Sequence[dict]] = None, level: str = "") -> Path:
+    """Certified accuracy against the radius: curves from per-point certified radii where available,
+    the certified radii as markers, the paper's numbers as stars. ``baselines``: (label, rows, radii)."""
     fig = _figure((7, 4.5))
     ax = fig.subplots()
     top = max([r["radius"] for r in rows] + [0.0]) * 2 or 1.0
@@ -129,35 +149,32 @@ def plot_certified_vs_radius(rows: Sequence[dict], path: Path, title: str = "",
     suffix = f" ({level})" if level else ""
     if radii:
         ax.plot(grid, [100 * v for v in curve(radii, "local", grid)], color="C1",
-                label=f"this model, local-bound certificate{suffix}")
+                label=f"this model, local certificate{suffix}")
         ax.plot(grid, [100 * v for v in curve(radii, "global", grid)], color="C0",
                 label="this model, global-bound certificate")
-    if baseline_radii:
-        ax.plot(grid, [100 * v for v in curve(baseline_radii, "local", grid)], color="C3", ls=":",
-                label=f"{baseline_label}, local-bound certificate{suffix}")
-        ax.plot(grid, [100 * v for v in curve(baseline_radii, "global", grid)], color="C3", ls="--",
-                label=f"{baseline_label}, global-bound certificate")
     xs = [r["radius"] for r in rows]
     ax.plot(xs, [100 * r["cert_local"] for r in rows], "o", color="C1",
-            label=None if radii else f"this model, local-bound certificate{suffix}")
+            label=None if radii else f"this model, local certificate{suffix}")
     ax.plot(xs, [100 * r["cert_global"] for r in rows], "s", color="C0",
             label=None if radii else "this model, global-bound certificate")
-    if baseline_rows is not None:
-        bx = [r["radius"] for r in baseline_rows]
-        ax.plot(bx, [100 * r["cert_local"] for r in baseline_rows], "o", mfc="none", color="C3",
-                label=None if baseline_radii else f"{baseline_label}, local-bound certificate{suffix}")
-        ax.plot(bx, [100 * r["cert_global"] for r in baseline_rows], "s", mfc="none", color="C3",
-                label=None if baseline_radii else f"{baseline_label}, global-bound certificate")
+    for i, (label, brows, bradii) in enumerate(baselines):
+        color = f"C{3 + i}"
+        if bradii:
+            ax.plot(grid, [100 * v for v in curve(bradii, "local", grid)], color=color, ls="--",
+                    label=f"{label}, local certificate{suffix}")
+        bx = [r["radius"] for r in brows]
+        ax.plot(bx, [100 * r["cert_local"] for r in brows], "o", mfc="none", color=color,
+                label=None if bradii else f"{label}, local certificate{suffix}")
     for i, p in enumerate(paper):
         if p.certified is not None:
-            ax.plot([float(p.eps)], [float(p.certified)], marker="*", ms=12, ls="none", color=f"C{4 + i % 5}",
+            ax.plot([float(p.eps)], [float(p.certified)], marker="*", ms=12, ls="none", color=f"C{7 + i % 3}",
                     label=f"paper: {p.system}, {p.setting}")
     ax.set_xlabel("l2 radius")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_xlim(0, top)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     ax.set_title(title or "certified accuracy vs radius")
     fig.tight_layout()
     return _save_png(fig, Path(path))

@@ -1,15 +1,21 @@
-"""The markdown text of the report (pure: no files read or written)."""
+"""The markdown text of the report (pure: no files read or written).
+
+Sections, in order: summary, how to reproduce, results (this model, then each baseline),
+side by side at equal epochs, equal training time, plots, calibration, reference numbers,
+what the certificates guarantee, timings, settings. Each section is a function of the
+systems it compares (``compare.System``) and returns its lines.
+"""
 from __future__ import annotations
 
 import re
 import shlex
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ...pipeline import dag
-from ...pipeline.config import Config, plain, stage_config
-from .tables import (calibration_lines, fmt_num, fmt_radius, fmt_seconds, format_headline,
-                     headline_header, headline_rows, level_details, level_label, levels_of, markdown_table,
-                     paper_rows, side_by_side, steps_table)
+from ...foundation.compose import plain
+from ...foundation.schema import Config
+from .compare import System, equal_time, side_by_side
+from .tables import (calibration_lines, fmt_num, fmt_radius, fmt_seconds, format_headline, headline_header,
+                     level_details, level_label, levels_of, markdown_table, paper_rows, steps_table)
 
 #: Where a recorded stage setting lives in the full configuration (for Hydra overrides).
 _PREFIX = {"train": {"model": "model", "train": "train", "normalization": "dataset"},
@@ -68,220 +74,194 @@ def overrides_between(recorded: dict, current: dict, prefix: str) -> Tuple[List[
     return overrides, unexpressible
 
 
+def _current(cfg: Config) -> Dict[str, dict]:
+    """The parts of a composed configuration each stage records, as plain values."""
+    return {"train": {"model": plain(cfg.model), "train": plain(cfg.train),
+                      "normalization": {"mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)}},
+            "calibrate": {"calibrate": plain(cfg.calibrate)}, "certify": {"certify": plain(cfg.certify)}}
+
+
 def settings_drift(cfg: Config, recorded: Dict[str, dict]) -> Tuple[List[str], List[str]]:
-    """Overrides that turn what config/ composes to now into the recorded settings of each stage."""
+    """Overrides that turn ``cfg`` (as the workflow composed it) into the recorded settings of each stage."""
     overrides, unexpressible = [], []
+    current = _current(cfg)
     for stage, rec in recorded.items():
-        current = plain(stage_config(cfg, stage, 0.0 if stage == "certify" else None))
-        current.pop("radius", None)
-        for part, prefix in _PREFIX[stage].items():
-            if part in rec and part in current:
-                o, u = overrides_between(rec[part], current[part], prefix)
+        for part, prefix in _PREFIX.get(stage, {}).items():
+            if part in rec and part in current.get(stage, {}):
+                cur = current[stage][part]
+                if part == "certify":  # the per-radius stages record only their part of certify
+                    cur = {k: v for k, v in cur.items() if k in rec[part]}
+                o, u = overrides_between(rec[part], cur, prefix)
                 overrides += [x for x in o if x not in overrides]
                 unexpressible += u
     return overrides, unexpressible
 
 
-def _reproduce(cfg: Config, cfgs_for_dag: Dict[str, Config], overrides: Sequence[str]) -> Tuple[str, str]:
+def render_report(cfg: Config, systems: Sequence[System], plots: Dict[str, str], reproduce: Sequence[str] = (),
+                  generated: str = "", version: str = "") -> str:
+    """The markdown of the report. ``systems[0]`` is this model; ``plots`` maps a plot name to its path
+    relative to the report; ``reproduce`` are the stage commands that rebuild it."""
+    main = systems[0]
+    sections = [_summary(cfg, main, systems, generated, version), _reproduction(cfg, main, systems, reproduce),
+                _results(main, plots), *[_baseline(s) for s in systems[1:]]]
+    if len(systems) > 1:
+        sections += [_side_by_side(main, systems), _equal_time(cfg, systems)]
+    sections += [_plots(main, plots, len(systems) > 1), _calibration(main), _references(cfg, systems),
+                 _guarantees(main), _timings(systems), _settings(main)]
+    return "\n".join(line for section in sections for line in section + [""])
+
+
+def _summary(cfg: Config, main: System, systems: Sequence[System], generated: str, version: str) -> List[str]:
+    m, certs = main.metrics, main.exp["certificates"]
+    model = (recorded_settings(main.exp).get("train") or {}).get("model") or plain(cfg.model)
+    levels = levels_of(certs)
+    lines = [f"# {cfg.name}: certified l2 robustness report", ""]
+    if cfg.description:
+        lines += [cfg.description, ""]
+    lines.append(f"Generated {generated} by locallip {version}. Model trained with **{main.method}** (the "
+                 f"{m['bound']} bound, loss `{m['loss']}`), {str(model.get('arch', '?')).upper()} with "
+                 f"`{model.get('activation', '?')}`, {m['params']:,} parameters, dataset `{cfg.dataset.name}`. "
+                 f"Headline certificates: **{level_label(levels[0], certs[0]) if levels else '?'}**."
+                 + (f" Compared with {', '.join(f'{s.name} ({s.method})' for s in systems[1:])}." if len(systems) > 1
+                    else ""))
+    for w in consistency_warnings(systems):
+        lines += ["", w]
+    return lines
+
+
+def _reproduction(cfg: Config, main: System, systems: Sequence[System], reproduce: Sequence[str]) -> List[str]:
+    overrides, unexpressible = settings_drift(cfg, recorded_settings(main.exp))
     name = cfg.name
-    stages = [dag.shell(dag.command(dag.job(cfgs_for_dag, name, s), "experiment", overrides=overrides))
-              for s in ("download", "train", "calibrate")]
-    stages += [dag.shell(dag.command(dag.job(cfgs_for_dag, name, "certify", r), "experiment", overrides=overrides))
-               for r in cfg.certify.radii]
-    if cfg.certify.curve:
-        stages.append(dag.shell(dag.command(dag.job(cfgs_for_dag, name, "radii"), "experiment", overrides=overrides)))
-    stages.append(dag.shell(dag.command(dag.job(cfgs_for_dag, name, "report"), "experiment", overrides=overrides)))
-    return f"snakemake --cores 8 {shlex.quote(f'results/{name}/report.md')}", "\n".join(stages)
+    lines = ["## How to reproduce", ""]
+    if not overrides and not unexpressible:
+        lines.append(f"These results were produced with exactly the settings `config/experiment/{name}.yaml` "
+                     f"composed to when the workflow ran (as recorded by each stage), so the whole pipeline"
+                     f"{', baselines included,' if len(systems) > 1 else ''} is rebuilt by:")
+    else:
+        lines.append("**Note**: these results were produced with settings that differ from what "
+                     f"`config/experiment/{name}.yaml` composed to when the workflow ran (as recorded by the "
+                     f"stages); these overrides carry the differences: `{' '.join(overrides) or '(none)'}`.")
+        if unexpressible:
+            lines += ["", f"Keys that differ but cannot be passed as one override: {', '.join(unexpressible)}."]
+        lines += ["", "The whole pipeline with the committed settings:"]
+    lines += ["", "```sh", f"snakemake --cores 8 {shlex.quote(f'results/{name}/report.md')}", "```", ""]
+    if reproduce:
+        extra = f" (add `{' '.join(overrides)}` to each)" if overrides else ""
+        lines += [f"Stage by stage, the commands the workflow runs (from the stage table){extra}:", "", "```sh",
+                  *reproduce, "```"]
+    return lines
 
 
-def render_report(cfg: Config, main: dict, plots: Dict[str, str], baseline: Optional[dict] = None,
-                  baseline_name: Optional[str] = None, generated: str = "", drift: Tuple[List[str], List[str]] = ([], []),
-                  cfgs_for_dag: Optional[Dict[str, Config]] = None, version: str = "") -> str:
-    """The markdown of the report. ``plots`` maps a plot name to its path relative to the report."""
+def _results(main: System, plots: Dict[str, str]) -> List[str]:
+    certs = main.exp["certificates"]
+    a = certs[0]["attack"]
+    tables = ", ".join(f"[radius {fmt_radius(c['radius'])}]({plots['table_' + str(i)]})" for i, c in enumerate(certs))
+    return (["## Results (test split)", "", f"### {main.name} ({main.method}, {main.epochs} epochs)", "",
+             markdown_table(headline_header(certs), format_headline(main.rows, levels_of(certs))), "",
+             "Accuracies in percent of the test split. *certified* = predicted correctly and every worst-case margin "
+             f"strictly positive at that radius. The attack audit runs PGD ({a['steps']} steps, {a['restarts']} "
+             f"restarts, step {a['step_size']:g} x radius) against every point certified at any level; any success "
+             f"is a soundness bug. Per-sample tables: {tables}.", ""] + steps_lines(certs))
+
+
+def _baseline(s: System) -> List[str]:
+    certs, m = s.exp["certificates"], s.metrics
+    return [f"### {s.name} (baseline: {s.method}, {s.epochs} epochs)", "",
+            f"Same data, trained with the **{m['bound']}** bound, loss `{m['loss']}`, {m['params']:,} parameters, "
+            f"{fmt_seconds(m['train_time_s'])} of training.", "",
+            markdown_table(headline_header(certs), format_headline(s.rows, levels_of(certs)))]
+
+
+def _side_by_side(main: System, systems: Sequence[System]) -> List[str]:
+    header, body = side_by_side(systems)
+    certs = main.exp["certificates"]
+    return ["### Side by side, at each model's own training budget", "",
+            f"Each model's best sound certificate ({level_label(levels_of(certs)[0], certs[0])}; the local "
+            "certificate includes the global one). Models with the same number of epochs are compared at equal "
+            "epochs; their training times differ (next section).", "", markdown_table(header, body)]
+
+
+def _equal_time(cfg: Config, systems: Sequence[System]) -> List[str]:
+    header, body, answer = equal_time(systems, float(cfg.eps))
+    return (["### At equal training time", "",
+             "Training time of every run (wall clock on its machine, as its metrics recorded it), its test "
+             "certified accuracy at the training radius, and its validation certified accuracy reached within "
+             "this model's training time (from the per-epoch validation metrics; validation runs only once the "
+             "training radius is reached).", "", markdown_table(header, body), ""] + [f"- {a}" for a in answer])
+
+
+def _plots(main: System, plots: Dict[str, str], compared: bool) -> List[str]:
+    lines = ["## Plots", "", f"![training curves]({plots['training']})", "",
+             "Training loss and validation accuracy per epoch (validation split, held out from training), training "
+             f"eps on the right axis; the dotted line marks the chosen epoch ({main.metrics['best_epoch']}).", "",
+             f"![fixed neurons and bound ratio]({plots['diagnostics']})", "",
+             "Top: fraction of neurons fixed (constant on the ball) per layer, during the training steps (at each "
+             "step's eps) and on validation points at the epoch's eps. Bottom: the local bound the training step "
+             "optimises divided by the converged one on the same masks, per layer (median and worst over the "
+             "points) and for the whole bound: 1 means training sees the bound certification computes.", "",
+             f"![certified accuracy vs radius]({plots['certified_vs_radius']})", "",
+             "Certified accuracy on the test split against the radius: curves from each point's largest certified "
+             "radius (`certify/radii.csv`, when computed), markers at the certified radii, stars for the papers' "
+             "numbers (see *Reference numbers* for whether their setting matches ours)."]
+    if compared:
+        lines += ["", f"![certified accuracy vs training time]({plots['certified_vs_time']})", "",
+                  "Validation certified accuracy at the training radius against cumulative training time, every "
+                  "system; the dotted line is this model's training time."]
+    return lines
+
+
+def _calibration(main: System) -> List[str]:
+    return ["## Calibration", ""] + calibration_lines(main.exp["calibration"])
+
+
+def _references(cfg: Config, systems: Sequence[System]) -> List[str]:
+    lines = ["## Reference numbers (from the papers, not reproduced here)", ""]
+    if not cfg.report.paper:
+        return lines + ["No paper numbers are configured for this experiment (`report.paper`)."]
+    header, prow, notes = paper_rows(cfg, systems[0].rows, [(s.name, s.rows) for s in systems[1:]])
+    return (lines + ["Columns marked *paper* are numbers published by the cited source; columns marked *ours* are "
+                     "this report's test-split results at the same radius.", "", markdown_table(header, prow), ""]
+            + [f"- {n_}" for n_ in notes]
+            + ["", "Even where dataset, architecture and radius match, our training schedule, data splits (we hold "
+               "out validation and calibration data from training) and hyperparameters are our own: the paper "
+               "numbers are context, not a controlled comparison."])
+
+
+def _guarantees(main: System) -> List[str]:
+    certs = main.exp["certificates"]
+    n_test = main.rows[0]["n"] if main.rows else "?"
+    return (["## What the certificates guarantee", ""] + guarantee_lines(certs)
+            + ["", f"Data use: the checkpoint (epoch {main.metrics['best_epoch']}) was chosen on the validation "
+               f"split and the calibration used the calibration split, both held out of the training data. The test "
+               f"split ({n_test} examples) was used once, by certification."])
+
+
+def _settings(main: System) -> List[str]:
     import yaml
 
-    name = cfg.name
-    m = main["metrics"]
-    certs = main["certificates"]
-    rows = headline_rows(certs)
-    levels = levels_of(certs)
-    brows = headline_rows(baseline["certificates"]) if baseline is not None else None
-    system = "Local-Lip" if m["bound"] == "local" else "GloRo"
-    rec = recorded_settings(main)
-    model = (rec.get("train") or {}).get("model") or plain(cfg.model)
-    L: List[str] = []
-    add = L.append
-
-    add(f"# {name}: certified l2 robustness report")
-    add("")
-    if cfg.description:
-        add(cfg.description)
-        add("")
-    add(f"Generated {generated} by locallip {version}. Model trained with the **{m['bound']}** bound ({system}), "
-        f"loss `{m['loss']}`, {str(model.get('arch', '?')).upper()} with `{model.get('activation', '?')}`, "
-        f"{m['params']:,} parameters, dataset `{cfg.dataset.name}`. Headline certificates: "
-        f"**{level_label(levels[0], certs[0]) if levels else '?'}**.")
-    add("")
-    for w in consistency_warnings(main, baseline, baseline_name):
-        add(w)
-        add("")
-
-    # 1. reproduction
-    add("## How to reproduce")
-    add("")
-    overrides, unexpressible = drift
-    snake, stages = _reproduce(cfg, cfgs_for_dag or {name: cfg}, overrides)
-    if not overrides and not unexpressible:
-        add(f"These results were produced with exactly the settings `config/experiment/{name}.yaml` composes to "
-            f"(as recorded by each stage), so the whole pipeline{', baseline included,' if baseline else ''} is "
-            f"rebuilt by:")
-    else:
-        add("**Note**: these results were produced with settings that differ from what "
-            f"`config/experiment/{name}.yaml` composes to now (as recorded by the stages); the stage commands "
-            f"below carry the differences as overrides. The whole pipeline with the committed settings:")
-        if unexpressible:
-            add("")
-            add(f"Keys that differ but cannot be passed as one override: {', '.join(unexpressible)}.")
-    add("")
-    add("```sh")
-    add(snake)
-    add("```")
-    add("")
-    add("Stage by stage (the commands the workflow runs, from `locallip.pipeline.dag`):")
-    add("")
-    add("```sh")
-    add(stages)
-    add("```")
-    add("")
-
-    # 2. results
-    add("## Results (test split)")
-    add("")
-    add(f"### {name} ({system}, trained with the {m['bound']} bound)")
-    add("")
-    add(markdown_table(headline_header(certs), format_headline(rows, levels)))
-    add("")
-    add("Accuracies in percent of the test split. *certified* = predicted correctly and every worst-case margin "
-        f"strictly positive at that radius. The attack audit runs PGD ({certs[0]['attack']['steps']} steps, "
-        f"{certs[0]['attack']['restarts']} restarts, step {certs[0]['attack']['step_size']:g} x radius) against "
-        "every point certified at any level; any success is a soundness bug. Per-sample tables: "
-        + ", ".join(f"[radius {fmt_radius(c['radius'])}]({plots['table_' + str(i)]})" for i, c in enumerate(certs))
-        + ".")
-    add("")
-    L.extend(steps_lines(certs))
-    if baseline is not None:
-        bm = baseline["metrics"]
-        blev = levels_of(baseline["certificates"])
-        add(f"### {baseline_name} (baseline)")
-        add("")
-        add(f"Same data and budget, trained with the **{bm['bound']}** bound, loss `{bm['loss']}`, "
-            f"{bm['params']:,} parameters.")
-        add("")
-        add(markdown_table(headline_header(baseline["certificates"]), format_headline(brows, blev)))
-        add("")
-        add("### Side by side")
-        add("")
-        add(f"Each model's certified accuracy at its headline guarantee level ({level_label(levels[0], certs[0])}; "
-            "the local certificate includes the global one), at equal training epochs:")
-        add("")
-        header, body = side_by_side(rows, brows, name, baseline_name)
-        add(markdown_table(header, body))
-        add("")
-
-    # 3. plots
-    add("## Plots")
-    add("")
-    add(f"![training curves]({plots['training']})")
-    add("")
-    add(f"Training loss and validation accuracy per epoch (validation split, held out from training), training "
-        f"eps on the right axis; the dotted line marks the chosen epoch ({m['best_epoch']}).")
-    add("")
-    add(f"![fixed neurons and bound ratio]({plots['diagnostics']})")
-    add("")
-    add("Top: fraction of neurons fixed (constant on the ball) per layer, during the training steps (at each "
-        "step's eps) and on validation points at the epoch's eps. Bottom: the local bound the training step "
-        "optimises divided by the converged one on the same masks, per layer (median and worst over the points) "
-        "and for the whole bound: 1 means training sees the bound certification computes.")
-    add("")
-    add(f"![certified accuracy vs radius]({plots['certified_vs_radius']})")
-    add("")
-    add("Certified accuracy on the test split against the radius: curves from each point's largest certified "
-        "radius (`certify/radii.csv`, when computed), markers at the certified radii, stars for the papers' "
-        "numbers (see *Reference numbers* for whether their setting matches ours).")
-    add("")
-
-    # 4. calibration
-    add("## Calibration")
-    add("")
-    L.extend(calibration_lines(main["calibration"]))
-    add("")
-
-    # 5. reference numbers
-    add("## Reference numbers (from the papers, not reproduced here)")
-    add("")
-    if not cfg.report.paper:
-        add("No paper numbers are configured for this experiment (`report.paper`).")
-    else:
-        header, prow, notes = paper_rows(cfg, rows, brows, baseline_name)
-        add("Columns marked *paper* are numbers published by the cited source; columns marked *ours* are this "
-            "report's test-split results at the same radius.")
-        add("")
-        add(markdown_table(header, prow))
-        add("")
-        for n_ in notes:
-            add(f"- {n_}")
-        add("")
-        add("Even where dataset, architecture and radius match, our training schedule, data splits (we hold out "
-            "validation and calibration data from training) and hyperparameters are our own: the paper numbers "
-            "are context, not a controlled comparison.")
-    add("")
-
-    # 6. guarantees
-    add("## What the certificates guarantee")
-    add("")
-    L.extend(guarantee_lines(certs))
-    add("")
-    n_test = rows[0]["n"] if rows else "?"
-    add(f"Data use: the checkpoint (epoch {m['best_epoch']}) was chosen on the validation split and the "
-        f"calibration used the calibration split, both held out of the training data. The test split "
-        f"({n_test} examples) was used once, by certification.")
-    add("")
-
-    # 7. timings
-    add("## Timings and environment")
-    add("")
-    L.extend(timing_lines(main, baseline, baseline_name))
-    add("")
-
-    # 8. settings
-    add("## Settings (as recorded by each stage)")
-    add("")
+    certs, m = main.exp["certificates"], main.metrics
     prov = certs[0]["provenance"] if certs else {}
-    add(f"Certified model: `{prov.get('model', {}).get('path')}` (sha256 `{prov.get('model', {}).get('sha256')}`, "
-        f"epoch {prov.get('model', {}).get('epoch')}); code versions: train `{m.get('code_version')}`, "
-        f"certify `{prov.get('code_version')}`.")
-    add("")
-    add("```yaml")
-    add(yaml.safe_dump(rec, sort_keys=False, default_flow_style=False, width=100).rstrip())
-    add("```")
-    add("")
-    return "\n".join(L)
+    model = prov.get("model", {})
+    return ["## Settings (as recorded by each stage)", "",
+            f"Certified model: `{model.get('path')}` (sha256 `{model.get('sha256')}`, epoch {model.get('epoch')}); "
+            f"code versions: train `{m.get('code_version')}`, certify `{prov.get('code_version')}`.", "",
+            "```yaml", yaml.safe_dump(recorded_settings(main.exp), sort_keys=False, default_flow_style=False,
+                                      width=100).rstrip(), "```"]
 
 
-def consistency_warnings(main: dict, baseline: Optional[dict], baseline_name: Optional[str]) -> List[str]:
+def consistency_warnings(systems: Sequence[System]) -> List[str]:
     """Things a reader must not miss: broken certificates, mixed-up bounds."""
     out = []
-    for label, exp in (("this model", main), (f"{baseline_name} (baseline)", baseline)):
-        if exp is None:
-            continue
-        for c in exp["certificates"]:
+    for s in systems:
+        label = "this model" if s.main else f"{s.name} (baseline)"
+        for c in s.exp["certificates"]:
             b = int(c["attack"]["broken"])
             if b > 0:
                 out.append(f"**WARNING**: {label}, radius {fmt_radius(c['radius'])}: the attack broke {b} of "
                            f"{c['attack']['checked']} certified points. A certificate that an attack breaks is a "
                            f"bug, not noise: these certified accuracies cannot be trusted.")
-        bound = exp["metrics"]["bound"]
-        for c in exp["certificates"]:
+        bound = s.metrics["bound"]
+        for c in s.exp["certificates"]:
             if c["bound_used_for_training"] in ("local", "global") and c["bound_used_for_training"] != bound:
                 out.append(f"**WARNING**: {label}: certificate says the model was trained with the "
                            f"{c['bound_used_for_training']} bound, train/metrics.json says {bound}.")
@@ -334,23 +314,23 @@ def guarantee_lines(certs: Sequence[dict]) -> List[str]:
     return lines
 
 
-def timing_lines(main: dict, baseline: Optional[dict], baseline_name: Optional[str]) -> List[str]:
-    m = main["metrics"]
-    trows = [["training", fmt_seconds(m["train_time_s"]), "—", m["device"], m["torch"]]]
-    if main["calibration"] and isinstance(main["calibration"].get("time_s"), (int, float)):
-        trows.append(["calibration", fmt_seconds(main["calibration"]["time_s"]), "—", "—", "—"])
-    for c in main["certificates"]:
-        trows.append([f"certify, radius {fmt_radius(c['radius'])}", fmt_seconds(c["time_s"]),
-                      fmt_num(c["samples_per_s"], 4), c["device"], c["torch"]])
-    if baseline is not None:
-        bm = baseline["metrics"]
-        trows.append([f"{baseline_name}: training", fmt_seconds(bm["train_time_s"]), "—", bm["device"], bm["torch"]])
-        for c in baseline["certificates"]:
-            trows.append([f"{baseline_name}: certify, radius {fmt_radius(c['radius'])}", fmt_seconds(c["time_s"]),
+def _timings(systems: Sequence[System]) -> List[str]:
+    trows = []
+    for s in systems:
+        prefix = "" if s.main else f"{s.name}: "
+        m = s.metrics
+        trows.append([f"{prefix}training", fmt_seconds(m["train_time_s"]), "—", m["device"], m["torch"]])
+        cal = s.exp.get("calibration")
+        if s.main and cal and isinstance(cal.get("time_s"), (int, float)):
+            trows.append(["calibration", fmt_seconds(cal["time_s"]), "—", "—", "—"])
+        for c in s.exp["certificates"]:
+            trows.append([f"{prefix}certify, radius {fmt_radius(c['radius'])}", fmt_seconds(c["time_s"]),
                           fmt_num(c["samples_per_s"], 4), c["device"], c["torch"]])
-    lines = [markdown_table(("stage", "time", "samples/s (headline local bound)", "device", "torch"), trows), ""]
-    n_ep = len(m["epochs"])
-    if n_ep:
+    lines = ["## Timings and environment", "",
+             markdown_table(("stage", "time", "samples/s (headline local certificate)", "device", "torch"), trows), ""]
+    m = systems[0].metrics
+    if m["epochs"]:
+        n_ep = len(m["epochs"])
         lines.append(f"{n_ep} epochs recorded; mean epoch time "
                      f"{fmt_seconds(sum(e.get('time_s') or 0.0 for e in m['epochs']) / n_ep)}.")
     return lines

@@ -118,7 +118,8 @@ def headline_rows(certificates: Sequence[dict]) -> List[dict]:
 def headline_header(certificates: Sequence[dict]) -> List[str]:
     lv = levels_of(certificates)
     return (["radius", "n (test)", "clean acc (%)"]
-            + [f"certified, {level_label(level, certificates[0])} (%)" for level in lv]
+            + [(lambda t: t if t.startswith("certified") else f"certified, {t}")(level_label(level, certificates[0]))
+               + " (%)" for level in lv]
             + ["certified, global bound, exact (%)", "median local/global bound ratio (masked-norm points)",
                "attack audit (broken/checked)"])
 
@@ -181,24 +182,6 @@ def best_sound(row: dict) -> float:
     return row["cert_global"] if row["headline"] == "estimate" else row["cert_local"]
 
 
-def side_by_side(rows: Sequence[dict], baseline_rows: Sequence[dict], name: str, baseline: str
-                 ) -> Tuple[List[str], List[List[str]]]:
-    """Per radius: each model's best sound certificate, their difference and which model wins."""
-    header = ["radius", f"{name}: best sound certificate (%)", f"{baseline}: best sound certificate (%)",
-              f"difference ({name} - {baseline}, points)", "winner"]
-    out = []
-    for r in rows:
-        b = find_row(baseline_rows, r["radius"])
-        if b is None:
-            out.append([fmt_radius(r["radius"]), fmt_pct(best_sound(r)), "—", "—", "not compared"])
-            continue
-        mine, theirs = best_sound(r), best_sound(b)
-        diff = 100 * (mine - theirs)
-        winner = "tie" if abs(diff) < 1e-9 else (name if diff > 0 else baseline)
-        out.append([fmt_radius(r["radius"]), fmt_pct(mine), fmt_pct(theirs), f"{diff:+.1f}", f"**{winner}**"])
-    return header, out
-
-
 # --------------------------------------------------------------------------- paper numbers
 
 def setting_differences(cfg, paper_row, n_test: Optional[int] = None) -> List[str]:
@@ -228,13 +211,12 @@ def setting_differences(cfg, paper_row, n_test: Optional[int] = None) -> List[st
     return diffs
 
 
-def paper_rows(cfg, rows: Sequence[dict], baseline_rows: Optional[Sequence[dict]] = None,
-               baseline_name: Optional[str] = None) -> Tuple[List[str], List[List[str]], List[str]]:
-    """Header, table rows and notes of the reference-number comparison."""
+def paper_rows(cfg, rows: Sequence[dict], baselines: Sequence[Tuple[str, Sequence[dict]]] = ()
+               ) -> Tuple[List[str], List[List[str]], List[str]]:
+    """Header, table rows and notes of the reference-number comparison (``baselines``: (name, headline rows))."""
     header = ["paper setting", "system (paper)", "radius", "paper: clean (%)", "paper: certified (%)",
               "ours: clean (%)", "ours: best sound certificate (%)"]
-    if baseline_rows is not None:
-        header += [f"{baseline_name} (baseline): best sound certificate (%)"]
+    header += [f"{name} (baseline): best sound certificate (%)" for name, _ in baselines]
     header += ["same setting?"]
     out, notes = [], []
     for p in cfg.report.paper:
@@ -251,8 +233,8 @@ def paper_rows(cfg, rows: Sequence[dict], baseline_rows: Optional[Sequence[dict]
         row = [p.setting, f"{p.system} — paper ({p.source or 'source not given'})", fmt_radius(eps),
                fmt_paper(p.clean), fmt_paper(p.certified), fmt_pct(ours["clean"]) if ours else "—",
                fmt_pct(best_sound(ours)) if ours else "—"]
-        if baseline_rows is not None:
-            b = find_row(baseline_rows, eps)
+        for _, brows in baselines:
+            b = find_row(brows, eps)
             row.append(fmt_pct(best_sound(b)) if b else "—")
         row.append(verdict)
         out.append(row)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import radius_tag
+from .ranges import radius_tag
 
 RESULTS = Path("results")
 
@@ -69,6 +69,11 @@ def audit_failure(certificate_path: Path) -> Path:
 
 def training_plot(name: str, results: Path = RESULTS) -> Path:
     return plots_dir(name, results) / "training.png"
+
+
+def time_plot(name: str, results: Path = RESULTS) -> Path:
+    """Validation certified accuracy against cumulative training time, this model and its baselines."""
+    return plots_dir(name, results) / "certified_vs_time.png"
 
 
 def radius_plot(name: str, results: Path = RESULTS) -> Path:

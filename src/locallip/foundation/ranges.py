@@ -2,17 +2,44 @@
 
 Values that would make a certificate or its audit meaningless (an infinite or huge
 tolerance, a non-positive attack step, delta outside (0, 1), ...) are rejected when
-the configuration is composed (``config.compose``) or received by a job
-(``config.from_plain``), before any work.
+the configuration is composed (``compose.compose``) or received by a job
+(``compose.from_plain``), before any work. File-name tags of radii are checked here too.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import fields, is_dataclass
+from typing import Any, Callable, Dict, Sequence
 
-from .config import (CalibrateConfig, CalibrateStage, CertifyConfig, CertifySettings, CertifyStage, Config,
-                     ConfigError, DatasetConfig, DownloadStage, ModelConfig, RadiiStage, TrainConfig, TrainStage,
-                     _is_number, check_radius)
+from .schema import (CalibrateConfig, CertifyConfig, CertifySettings, CertifyStage, Config, ConfigError, CurveConfig,
+                     DatasetConfig, ModelConfig, RadiiStage, TrainConfig, TrainStage)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_radius(value: Any, what: str = "radius") -> float:
+    """A radius is a finite number >= 0; returns it as a float."""
+    if not (_is_number(value) and math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def radius_tag(r: float) -> str:
+    """File-name tag of a radius: 1.58 -> '1.58', 0.5 -> '0.5', 1 -> '1.0'."""
+    return repr(check_radius(r))
+
+
+def parse_radius_tag(tag: str) -> float:
+    """A file-name radius tag back to the radius; only the canonical spelling is accepted."""
+    try:
+        r = float(tag)
+    except ValueError:
+        raise ConfigError(f"radius tag {tag!r} is not a number") from None
+    if radius_tag(r) != tag:
+        raise ConfigError(f"radius tag {tag!r} is not canonical; use {radius_tag(r)!r}")
+    return r
 
 
 def _number(obj: Any, attr: str, where: str, lo: float = -math.inf, hi: float = math.inf, *,
@@ -71,7 +98,7 @@ def validate_train(t: TrainConfig) -> None:
     _number(t, "kappa_end", "train", 0, 1)
     _number(t, "adaptive_tol", "train", 0, 1, lo_open=True, hi_open=True)
     _number(t, "lr_decay", "train", 0, 1, lo_open=True)
-    for k in ("epochs", "batch_size", "power_iters", "local_steps", "val_every", "val_max_iter"):
+    for k in ("epochs", "batch_size", "power_iters", "solver_steps", "val_every", "val_max_iter"):
         _number(t, k, "train", 1, integer=True)
     for k in ("warmup_epochs", "ramp_epochs", "lr_decay_start", "seed", "diagnostics_size"):
         _number(t, k, "train", 0, integer=True)
@@ -102,13 +129,16 @@ def validate_certify(c: CertifySettings) -> None:
     _number(c.attack, "restarts", "certify.attack", 1, integer=True)
     _number(c.attack, "step_size", "certify.attack", 0, 2, lo_open=True)
     if isinstance(c, CertifyConfig):
-        _number(c, "curve_max_radius", "certify", 0, lo_open=True, optional=True)
-        _number(c, "curve_tol", "certify", 0, 1, lo_open=True, hi_open=True)
-        _number(c, "curve_batch_size", "certify", 1, integer=True)
         _check(len(c.radii) > 0, "certify.radii must not be empty")
         for r in c.radii:
             check_radius(r, "every certify.radii entry")
         _check(len(set(map(float, c.radii))) == len(c.radii), "certify.radii has duplicates")
+
+
+def validate_curve(c: CurveConfig, where: str = "curve") -> None:
+    _number(c, "max_radius", where, 0, lo_open=True, optional=True)
+    _number(c, "tol", where, 0, 1, lo_open=True, hi_open=True)
+    _number(c, "batch_size", where, 1, integer=True)
 
 
 def validate(cfg: Config) -> Config:
@@ -119,6 +149,7 @@ def validate(cfg: Config) -> Config:
     validate_train(cfg.train)
     validate_calibrate(cfg.calibrate)
     validate_certify(cfg.certify)
+    validate_curve(cfg.curve)
     _number(cfg.run, "threads", "run", 0, integer=True)
     _number(cfg.run, "processes", "run", 1, integer=True)
     for i, p in enumerate(cfg.report.paper):
@@ -126,24 +157,35 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _radii_stage(obj: RadiiStage) -> None:
+    _number(obj, "max_radius", "radii", 0, lo_open=True)
+    _number(obj, "tol", "radii", 0, 1, lo_open=True, hi_open=True)
+    _number(obj, "batch_size", "radii", 1, integer=True)
+
+
+def _train_stage(obj: TrainStage) -> None:
+    _normalization(obj.normalization.mean, obj.normalization.std, "normalization")
+
+
+#: The range check of each part of a stage's configuration; ``validate_stage`` walks the parts.
+CHECKS: Dict[type, Callable[[Any], None]] = {
+    DatasetConfig: validate_dataset, ModelConfig: validate_model, TrainConfig: validate_train,
+    CalibrateConfig: validate_calibrate, CertifySettings: validate_certify, CertifyConfig: validate_certify,
+    CurveConfig: validate_curve, TrainStage: _train_stage, RadiiStage: _radii_stage,
+    CertifyStage: lambda obj: check_radius(obj.radius),
+}
+
+
 def validate_stage(obj: Any) -> None:
+    """The ranges of a stage's configuration: every part of it with a check in ``CHECKS``."""
     if isinstance(obj, Config):
         validate(obj)
-    elif isinstance(obj, DownloadStage):
-        validate_dataset(obj.dataset)
-    elif isinstance(obj, DatasetConfig):
-        validate_dataset(obj)
-    elif isinstance(obj, TrainStage):
-        _normalization(obj.normalization.mean, obj.normalization.std, "normalization")
-        validate_model(obj.model)
-        validate_train(obj.train)
-    elif isinstance(obj, CalibrateStage):
-        validate_calibrate(obj.calibrate)
-    elif isinstance(obj, CertifyStage):
-        check_radius(obj.radius)
-        validate_certify(obj.certify)
-    elif isinstance(obj, RadiiStage):
-        _number(obj, "max_radius", "radii", 0, lo_open=True)
-        _number(obj, "tol", "radii", 0, 1, lo_open=True, hi_open=True)
-        _number(obj, "batch_size", "radii", 1, integer=True)
-        validate_certify(obj.certify)
+        return
+    if type(obj) in CHECKS:
+        CHECKS[type(obj)](obj)
+    if is_dataclass(obj):
+        for f in fields(obj):
+            validate_stage(getattr(obj, f.name))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            validate_stage(v)

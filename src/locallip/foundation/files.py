@@ -6,14 +6,16 @@ stage cannot interleave their writes.
 """
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
+import io
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -58,6 +60,17 @@ def write_json(path: PathLike, obj: Any) -> None:
     except ValueError as e:
         raise ValueError(f"refusing to write {path}: it would hold NaN or inf ({e})") from None
     write_text(path, text + "\n")
+
+
+def csv_text(rows: List[dict]) -> str:
+    """Rows (dicts with the same keys) as CSV text with a header; None is an empty cell."""
+    if not rows:
+        raise ValueError("no rows to write")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def read_json(path: PathLike) -> Any:

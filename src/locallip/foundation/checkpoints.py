@@ -1,7 +1,8 @@
-"""Model checkpoints as plain tensors + JSON-able metadata: no pickled code, identical bytes for
+"""Checkpoints as plain tensors + JSON-able metadata: no pickled code, identical bytes for
 identical contents.
 
-torch is imported inside the functions: the pipeline package itself imports no torch.
+torch is imported inside the functions: the foundation imports no torch at import time.
+Models are saved and rebuilt by ``locallip.nn.checkpoint``.
 """
 from __future__ import annotations
 
@@ -55,29 +56,3 @@ def _first_sentence(e: BaseException) -> str:
                 f"loading them could run code")
     first = msg.strip().splitlines()[0] if msg.strip() else ""
     return f"{type(e).__name__}: {first[:300]}"
-
-
-def save_model(path: PathLike, model, **extra: Any) -> None:
-    """Atomically write ``{"format", "spec", "state_dict", **extra}``; extra must be plain data."""
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    save_checkpoint(path, {"format": FORMAT, "spec": dict(model.spec), "state_dict": state, **extra})
-
-
-def load_model(path: PathLike, map_location: Any = "cpu") -> Tuple[Any, dict]:
-    """Rebuild the model from its spec and load its weights; CheckpointError names any problem."""
-    import torch
-
-    from ..nn.models import model_from_spec
-
-    ckpt = load_checkpoint(path, map_location=map_location)
-    if ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {ckpt.get('format')!r}")
-    try:
-        model = model_from_spec(ckpt["spec"])
-        model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: weights do not match the recorded model spec: {e}") from None
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{path}: tensor {name} holds NaN or inf")
-    return model, ckpt

@@ -1,15 +1,13 @@
 """The choices of the configuration, as string enums: a typo fails when the config is composed.
 
-Datasets, architectures and activations come from their registries (``data.catalog``,
-``nn.catalog``), so each list is written once.
+Datasets, architectures and activations come from ``catalog``, so each list is written once.
 """
 from __future__ import annotations
 
 from enum import Enum
 from typing import Sequence
 
-from ..data.catalog import DATASETS
-from ..nn.catalog import ACTIVATIONS, ARCHITECTURES
+from .catalog import ACTIVATIONS, ARCHITECTURES, DATASETS
 
 
 class Choice(str, Enum):
@@ -57,7 +55,7 @@ class Device(Choice):
     cuda = "cuda"
 
 
-class LocalSolver(Choice):
+class NormSolver(Choice):
     krylov = "krylov"
     power = "power"
 

@@ -1,0 +1,135 @@
+"""Composing the configuration: Hydra into the schema's dataclasses, validated once, and back to plain values.
+
+``compose(experiment, overrides)`` gives a ``Config``; orchestrators track a stage's part as
+plain values (``plain``), and ``from_plain`` turns such values back into the typed object
+(and validates them) in the job.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import fields, is_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional, Type, TypeVar
+
+from omegaconf import OmegaConf
+
+from .ranges import check_radius, parse_radius_tag, radius_tag, validate, validate_stage  # noqa: F401
+from .schema import (CalibrateConfig, CertifyConfig, Config, ConfigError, CurveConfig, DatasetConfig, ModelConfig,
+                     RunConfig, TrainConfig)
+
+
+# --------------------------------------------------------------------------- plain values
+
+
+def plain(obj: Any) -> Any:
+    """A dataclass (or list/dict of them) as plain JSON/YAML values; enums become their values."""
+    if isinstance(obj, Enum):
+        return obj.value
+    if is_dataclass(obj):
+        return {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+T = TypeVar("T")
+
+
+def from_plain(cls: Type[T], data: Any, what: str = "configuration") -> T:
+    """Plain values (e.g. a stage's JSON) as a typed ``cls`` object, type- and range-checked."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a mapping, got {type(data).__name__}")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(cls), data)
+        obj = OmegaConf.to_object(node)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid {what}: {explain(e)}") from None
+    validate_stage(obj)
+    return obj
+
+
+def explain(e: BaseException) -> str:
+    """The error and its causes on one line (Hydra's 'Error merging override' hides why in its cause)."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        lines = [ln.strip() for ln in str(e).strip().splitlines()]
+        msg = next((ln for ln in lines if ln and not ln.startswith(("full_key", "reference_type", "object_type"))), "")
+        if msg and "$VALUE" not in msg and not any(msg in p for p in parts):
+            parts.append(msg)
+        e = e.__cause__ or e.__context__
+    return "; caused by: ".join(parts)
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def default_config_dir() -> Path:
+    """`config/` of the repository (the working directory first, then the source tree)."""
+    here = Path.cwd() / "config"
+    if (here / "config.yaml").exists():
+        return here
+    return Path(__file__).resolve().parents[3] / "config"
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, node in (("dataset", DatasetConfig), ("model", ModelConfig), ("train", TrainConfig),
+                        ("calibrate", CalibrateConfig), ("certify", CertifyConfig), ("curve", CurveConfig),
+                        ("run", RunConfig)):
+        cs.store(group=group, name="schema", node=node)
+    for name, fn in (("mul", lambda *a: math.prod(float(v) for v in a)),
+                     ("div", lambda a, b: float(a) / float(b))):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def experiment_names(config_dir: Optional[Path] = None) -> List[str]:
+    d = Path(config_dir or default_config_dir()) / "experiment"
+    return sorted(p.stem for p in d.glob("*.yaml"))
+
+
+def compose(experiment: Optional[str] = None, overrides: Optional[List[str]] = None,
+            config_dir: Optional[Path] = None) -> Config:
+    """Compose, resolve and validate the configuration of one experiment; ConfigError names any problem."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir = Path(config_dir or default_config_dir()).resolve()
+    if not (config_dir / "config.yaml").exists():
+        raise ConfigError(f"no config.yaml in config directory {config_dir}")
+    overrides = list(overrides or [])
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not of the form key=value")
+    if experiment is not None:
+        known = experiment_names(config_dir)
+        if experiment not in known:
+            raise ConfigError(f"unknown experiment {experiment!r}; known: {', '.join(known)}")
+        overrides = [f"experiment={experiment}"] + overrides
+    _register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=overrides)
+        raw_plain = OmegaConf.to_container(raw, resolve=True, throw_on_missing=True)
+        raw_plain.pop("experiment", None)
+        # Merging into the schema in struct mode rejects keys the schema lacks (`+train.epochz=3`).
+        node = OmegaConf.merge(OmegaConf.structured(Config), raw_plain)
+        cfg = OmegaConf.to_object(node)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"invalid configuration: {explain(e)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    return validate(cfg)

@@ -37,7 +37,7 @@ SMOKE_REPORT = f"results/{SMOKE}/report.md"
 #: Applied to the smoke run of the tests (through the Snakemake config, like a user would):
 #: fewer power iterations, so the tiny pipeline spends its time on orchestration, not math.
 SPEED_OVERRIDES = ["train.val_max_iter=20", "train.diagnostics_size=32", "calibrate.max_iter=50",
-                   "certify.max_iter=50", "certify.attack.restarts=1", "certify.curve_tol=0.2"]
+                   "certify.max_iter=50", "certify.attack.restarts=1", "curve.tol=0.2"]
 
 
 # --------------------------------------------------------------------------- project copies

@@ -49,14 +49,20 @@ def _relative_differences(a, b):
             if a[k].is_floating_point() and not k.startswith("power_vector")}  # warm starts, not weights
 
 
-def test_two_processes_take_the_same_step_as_one(smoke, tmp_path):
+# Worst relative weight difference after one step, measured: power 4.8e-7, krylov 1.13e-5 (on the
+# first linear layer). Both ranks' arithmetic differs from one process only by float rounding (the
+# batched products see batches of 100 instead of 200); a fresh layer's top singular values sit close
+# together, so the top Ritz vector of a few Lanczos steps (whose u v^T is the norm's gradient) moves
+# with that rounding ~20x more than a fixed power-iteration polynomial does.
+@pytest.mark.parametrize("solver,tolerance", [("power", 1e-5), ("krylov", 1e-4)])
+def test_two_processes_take_the_same_step_as_one(smoke, tmp_path, solver, tolerance):
     """Same global batch, same seed: each rank takes half of the batch and the gradients are averaged
     over the global batch, so one step gives the same weights within float tolerance."""
-    (a, ma), (b, mb) = _train_both(smoke, tmp_path, ["train.epochs=1", "train.ramp_epochs=1",
+    (a, ma), (b, mb) = _train_both(smoke, tmp_path, ["train.epochs=1", "train.ramp_epochs=1", f"train.solver={solver}",
                                                      "train.batch_size=200", "dataset.train_limit=200"]).values()
     assert ma["processes"] == 1 and mb["processes"] == 2
     rels = _relative_differences(a, b)
-    assert max(rels.values()) < 1e-5, rels
+    assert max(rels.values()) < tolerance, rels
     assert ma["epochs"][0]["loss"] == pytest.approx(mb["epochs"][0]["loss"], rel=1e-6)
 
 

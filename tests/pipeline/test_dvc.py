@@ -18,8 +18,10 @@ import yaml
 
 import sys
 
-from locallip.pipeline import dag
 from locallip.foundation import layout as paths
+from locallip.foundation.provenance import code_deps
+from locallip.pipeline import dag
+from locallip.pipeline.table import stage
 from locallip.foundation.compose import compose, plain
 from locallip.foundation.ranges import radius_tag
 from locallip.pipeline.table import stage_config
@@ -29,11 +31,11 @@ from pipeline_helpers import (REPO, SMOKE, SMOKE_BASELINE, SPEED_OVERRIDES, clon
                               planned_jobs, radii_override, smoke_cfg, smoke_config, smoke_project, smoke_radii,
                               snakemake)
 
-sys.path.insert(0, str(REPO / "workflow" / "scripts"))
-import dvc_pipeline as orchestrate  # noqa: E402  (the DVC generator, outside the installed package)
+import locallip.pipeline.dvc as orchestrate  # noqa: E402  (the DVC generator, from the stage table)
 
-STAGES = ("download", "train", "calibrate", "certify", "radii", "report")
+STAGES = ("download", "train", "calibrate", "certify", "radii", "export", "report")
 META = orchestrate.META_KEY
+MAIN = "mnist5k_r158"  # the default experiment (workflow/config/config.yaml)
 RUNNING = re.compile(r"Running stage '([^']+)'")
 
 
@@ -72,7 +74,7 @@ def test_committed_dvc_files_match_the_composition(tmp_path):
                                + p.stderr)
     # and the check does notice a stale file
     doc = yaml.safe_load((project / "params.yaml").read_text())
-    doc["mnist5k"]["train"]["train"]["epochs"] += 1  # as if config/ had changed since
+    doc[MAIN]["train"]["train"]["epochs"] += 1  # as if config/ had changed since
     (project / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     assert run_orchestrate(project, "dvc", "--check", check=False).returncode == 1
 
@@ -80,12 +82,12 @@ def test_committed_dvc_files_match_the_composition(tmp_path):
 def test_dvc_stages_mirror_the_pipeline(dvc_doc, params_doc):
     cfgs = dag.compose_all(params_doc[META]["overrides"], params_doc[META]["experiment_overrides"])
     names = dag.with_baselines(params_doc[META]["experiments"], cfgs)
-    assert names[0] == "mnist5k" and "mnist5k_gloro" in names
+    assert names[0] == MAIN and {f"{MAIN}_gloro", f"{MAIN}_bcp"} <= set(names)
     stages = dvc_doc["stages"]
     radii = dag.certify_radii(cfgs, names)
     expected = set()
     for n in names:
-        expected |= {f"{s}-{n}" for s in ("download", "train", "calibrate", "radii", "report")}
+        expected |= {f"{s}-{n}" for s in ("download", "train", "calibrate", "radii", "export", "report")}
         expected |= {orchestrate.stage_name("certify", n, r) for r in radii[n]}
     assert set(stages) == expected
     for n in names:
@@ -93,7 +95,7 @@ def test_dvc_stages_mirror_the_pipeline(dvc_doc, params_doc):
         for s, st in zip(("download", "train", "calibrate", "report"), (dl, tr, ca, re_)):
             assert st["cmd"].startswith(f"locallip {s} --cfg-file params.yaml --cfg-key {n}.{s} ")
             assert st["params"] == [f"{n}.{s}"]
-            assert set(dag.code_deps(s)) <= set(st["deps"])
+            assert set(code_deps(stage(s).module)) <= set(st["deps"])
         # data and checkpoints are versioned (cached outs); metrics declared
         assert dl["outs"] == [str(paths.splits(n))]
         assert tr["outs"] == [str(paths.model(n))] and tr["metrics"] == [str(paths.train_metrics(n))]
@@ -106,14 +108,13 @@ def test_dvc_stages_mirror_the_pipeline(dvc_doc, params_doc):
             assert ce["outs"] == [str(paths.certificate_table(n, r))]
             assert ce["params"] == [f"{n}.certify"]  # shared by every radius: a new radius reruns no other
         assert re_["outs"] == [str(paths.report(n))]
-        assert len(re_["plots"]) == 3
-        b = cfgs[n].report.baseline
-        if b:
+        assert len(re_["plots"]) == 5
+        for b in cfgs[n].report.baselines:
             assert f"--baseline-dir {paths.experiment_dir(b)}" in re_["cmd"]
             for r in cfgs[n].certify.radii:
                 assert str(paths.certificate(b, r)) in re_["deps"]
     plot_ids = [next(iter(p)) for p in dvc_doc["plots"]]
-    assert "training-mnist5k" in plot_ids
+    assert f"training-{MAIN}" in plot_ids
 
 
 def _argv(cmd: str) -> dict:
@@ -137,14 +138,15 @@ def test_dvc_runs_the_same_commands_as_snakemake(tmp_path, dvc_doc):
     outs = [o if isinstance(o, str) else next(iter(o))  # an out with options is {path: {...}}
             for name, st in dvc_doc["stages"].items() if name.startswith("report-") for o in st["outs"]]
     reports = sorted(o for o in outs if o.endswith("/report.md"))
-    assert "results/mnist5k/report.md" in reports
+    assert f"results/{MAIN}/report.md" in reports
     p = snakemake(project, "-n", "-p", "--cores", "1", "--forceall", *reports)
     snake = {}
     for line in p.stdout.splitlines():
         if "locallip " in line and "--cfg-json" in line:
             opts = _argv(line.strip())
             cfg = json.loads(shlex.split(line.strip())[shlex.split(line.strip()).index("--cfg-json") + 1])
-            snake[(opts["command"], cfg["name"], opts.get("--radius"))] = opts
+            name = cfg["config"]["name"] if opts["command"] == "report" else cfg["name"]
+            snake[(opts["command"], name, opts.get("--radius"))] = opts
     dvc_cmds = {}
     for name, st in dvc_doc["stages"].items():
         opts = _argv(st["cmd"])
@@ -164,7 +166,9 @@ def test_params_are_exactly_what_snakemake_jobs_receive(params_doc):
             for r in radii:
                 job = dag.job(cfgs, n, stage, r)
                 sent = json.loads(dag.command(job, "json")[3])  # what a Snakemake job gets
-                assert sent == job.params == plain(stage_config(cfgs[n], stage, r))
+                assert sent == job.params
+                if stage != "report":  # the report's settings also carry the commands that rebuild it
+                    assert sent == plain(stage_config(cfgs[n], stage, r))
                 assert (dict(blocks[stage], radius=float(r)) if r is not None else blocks[stage]) == sent
 
 
@@ -194,12 +198,14 @@ def test_dag_connects_the_stages(tmp_path):
     init_git_dvc(project, tmp_path / "remote")
     dot = dvc(project, "dag", "--dot").stdout
     edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
-    r = radius_tag(compose("mnist5k").certify.radii[-1]).replace(".", "_")
-    for a, b in [("download-mnist5k", "train-mnist5k"), ("train-mnist5k", "calibrate-mnist5k"),
-                 ("calibrate-mnist5k", f"certify-mnist5k-{r}"), (f"certify-mnist5k-{r}", "report-mnist5k"),
-                 (f"certify-mnist5k_gloro-{r}", "report-mnist5k"), ("train-mnist5k_gloro", "report-mnist5k")]:
+    r = radius_tag(compose(MAIN).certify.radii[-1]).replace(".", "_")
+    m = MAIN
+    for a, b in [(f"download-{m}", f"train-{m}"), (f"train-{m}", f"calibrate-{m}"),
+                 (f"calibrate-{m}", f"certify-{m}-{r}"), (f"certify-{m}-{r}", f"report-{m}"),
+                 (f"certify-{m}_gloro-{r}", f"report-{m}"), (f"train-{m}_gloro", f"report-{m}"),
+                 (f"certify-{m}_bcp-{r}", f"report-{m}")]:
         assert (a, b) in edges, (a, b, sorted(edges))
-    assert ("train-mnist5k", "report-mnist5k") in edges  # the report reads the train metrics
+    assert (f"train-{m}", f"report-{m}") in edges  # the report reads the train metrics
 
 
 # --------------------------------------------------------------------------- both orchestrators, for real

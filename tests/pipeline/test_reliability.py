@@ -7,7 +7,9 @@
 5. cosmetic settings and touched files with the same content rerun nothing; identical weights
    give identical bytes;
 6. errors name the problem in one line (no tracebacks, no advice to load files unsafely);
-7. tiny radii give no NaN in any output.
+7. tiny radii give no NaN in any output;
+8. bad data, bad names, divergence, dead layers and reduced precision end in a one-line error
+   (or, for a dead layer, a correct certificate), and no file under results/<experiment>/ changes.
 """
 from __future__ import annotations
 
@@ -164,8 +166,8 @@ def test_a_failed_audit_removes_the_old_certificate_and_blocks_the_report(smoke,
     failed = paths.audit_failure(out)
     assert failed.is_file()
     with pytest.raises(FileNotFoundError, match="attack audit"):
-        run_report(compose(SMOKE, config_dir=project / "config"), project / "results" / SMOKE,
-                   project / "results" / SMOKE / "report.md", project / "results" / SMOKE_BASELINE)
+        run_report(stage_config(compose(SMOKE, config_dir=project / "config"), "report"), project / "results" / SMOKE,
+                   project / "results" / SMOKE / "report.md", [project / "results" / SMOKE_BASELINE])
     monkeypatch.undo()
     run_certify(stage, **args)  # a later good run
     assert out.is_file() and not failed.exists()
@@ -299,3 +301,217 @@ def test_a_tiny_radius_gives_no_nan(smoke, tmp_path):
     correct = sum(r["label"] == r["prediction"] for r in rows)
     assert s["certified_acc_local"] * s["n"] == pytest.approx(correct)  # every correct point certified
     assert all(math.isfinite(float(r["worst_margin_local"])) for r in rows)
+
+
+# --------------------------------------------------------------------------- 8. bad data, names, faults
+
+
+def _digests(directory: Path) -> dict:
+    """sha256 of every file under ``directory`` (what must not change when a run fails)."""
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def _bad_splits(src: Path, dst: Path, edit) -> Path:
+    """A splits file as a user could make by hand: ``edit(arrays)`` changes the arrays, and the meta's
+    sizes and sha256 are recomputed so that only what ``edit`` did is wrong."""
+    from locallip.data.splits import ARRAY_KEYS, array_sha256
+
+    with np.load(src, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays.pop("meta").item())
+    edit(arrays)
+    meta["sha256"] = {k: array_sha256(arrays[k]) for k in ARRAY_KEYS}
+    meta["sizes"] = {s: int(len(arrays[f"{s}_y"])) for s in ("train", "val", "calib", "test")}
+    arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
+    np.savez_compressed(dst, **arrays)
+    return dst
+
+
+def _cli(argv, capsys):
+    rc = cli.main(list(argv) + ["--no-progress"] if argv[0] not in ("download", "config") else list(argv))
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_layer_whose_mask_removes_every_neuron_certifies_at_every_level():
+    """A dead layer makes the network constant on the ball: robust, so certified (it used to crash the
+    probabilistic level in scipy's tridiagonal eigensolver)."""
+    from torch import nn
+
+    from locallip.certify import certify
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(100, 80), nn.ReLU(), nn.Linear(80, 10)).double()
+    m[1].bias.data.fill_(-3.0)
+    x = torch.rand(8, 1, 10, 10, dtype=torch.float64)
+    y = m(x).argmax(1)
+    for level in ("probabilistic", "exact", "estimate"):
+        for cascade in (True, False):
+            c = certify(m, x, y, 0.3, guarantee=level, cascade=cascade, generator=torch.Generator().manual_seed(0))
+            assert c.certified.all(), (level, cascade)
+
+
+@pytest.mark.parametrize("stage_name", ["certify", "calibrate", "train"])
+def test_labels_outside_the_classes_are_refused_and_nothing_is_overwritten(smoke, tmp_path, capsys, monkeypatch,
+                                                                           stage_name):
+    project = clone_project(smoke, tmp_path / "p")
+    monkeypatch.chdir(project)
+    bad = _bad_splits(project / paths.splits(SMOKE), tmp_path / "bad.npz",
+                      lambda a: [a["test_y"].__setitem__(0, 10), a["calib_y"].__setitem__(0, -1),
+                                 a["train_y"].__setitem__(0, 12)])
+    before = _digests(project / "results" / SMOKE)
+    argv = {"certify": ["certify", "experiment=smoke", "--radius", "0.1", "--data", str(bad)],
+            "calibrate": ["calibrate", "experiment=smoke", "--data", str(bad)],
+            "train": ["train", "experiment=smoke", "--data", str(bad)]}[stage_name]
+    rc, err = _cli(argv, capsys)
+    line = _one_line(err)
+    assert rc == 2 and "labels outside [0, 10)" in line, line
+    assert _digests(project / "results" / SMOKE) == before
+
+
+@pytest.mark.parametrize("name", ["../../escape", "", "a/b", ".."])
+def test_names_that_would_leave_results_are_refused(tmp_path, capsys, monkeypatch, name):
+    project = tmp_path / "p"
+    shutil.copytree(REPO / "config", project / "config")
+    monkeypatch.chdir(project)
+    rc, err = _cli(["download", "experiment=smoke", f"name={name}"], capsys)
+    line = _one_line(err)
+    assert rc == 2 and "name must be letters, digits" in line, line
+    assert not any(tmp_path.rglob("splits.npz")) and not (project / "results").exists()
+
+
+def test_divergence_is_the_divergence_error_and_keeps_the_previous_run(smoke, tmp_path, capsys, monkeypatch):
+    project = clone_project(smoke, tmp_path / "p")
+    monkeypatch.chdir(project)
+    before = _digests(project / "results" / SMOKE)
+    rc, err = _cli(["train", "experiment=smoke", "train.epochs=1", "train.lr=1e30"], capsys)
+    line = _one_line(err)
+    assert rc == 4 and "training diverged" in line, line
+    assert _digests(project / "results" / SMOKE) == before  # the earlier run's model, metrics and state
+
+
+def test_an_empty_test_split_is_a_one_line_error(smoke, tmp_path, capsys, monkeypatch):
+    project = clone_project(smoke, tmp_path / "p")
+    monkeypatch.chdir(project)
+    empty = _bad_splits(project / paths.splits(SMOKE), tmp_path / "empty.npz",
+                        lambda a: [a.__setitem__("test_x", a["test_x"][:0]), a.__setitem__("test_y", a["test_y"][:0])])
+    before = _digests(project / "results" / SMOKE)
+    rc, err = _cli(["certify", "experiment=smoke", "--radius", "0.1", "--data", str(empty)], capsys)
+    line = _one_line(err)
+    assert rc == 2 and "the test split is empty" in line, line
+    assert _digests(project / "results" / SMOKE) == before
+
+
+def test_a_read_only_output_directory_is_a_one_line_error(smoke, tmp_path, capsys, monkeypatch):
+    import os
+
+    project = clone_project(smoke, tmp_path / "p")
+    monkeypatch.chdir(project)
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    real_open = os.open
+
+    def denied(path, *a, **k):  # what a directory without write permission gives (root ignores chmod)
+        if str(path).startswith(str(ro)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    ro.chmod(0o555)
+    monkeypatch.setattr(os, "open", denied)
+    try:
+        rc, err = _cli(["certify", "experiment=smoke", "--radius", "0.1", "--out", str(ro / "c.json"),
+                        "--table", str(ro / "c.csv")], capsys)
+    finally:
+        monkeypatch.undo()
+        ro.chmod(0o755)
+    line = _one_line(err)
+    assert rc == 2 and "cannot write to" in line and "permission denied" in line, line
+    assert list(ro.iterdir()) == []
+
+
+def test_api_misuse_is_a_one_line_error():
+    from torch import nn
+
+    from locallip.bounds import local_bound
+    from locallip.certify import certified_radius, certify
+    from locallip.nn import build_model
+
+    model = build_model("2c2f", "relu", (1, 28, 28), 10).double().eval()
+    empty = torch.zeros(0, 1, 28, 28, dtype=torch.float64)
+    for call in (lambda: certify(model, empty, torch.zeros(0, dtype=torch.long), 0.1),
+                 lambda: local_bound(model, empty, 0.1), lambda: certified_radius(model, empty)):
+        with pytest.raises(ValueError, match="empty batch"):
+            call()
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)).double()
+    three_d = torch.rand(5, 28, 28, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"Conv2d needs inputs of shape \(channels, height, width\)"):
+        certify(conv, three_d, torch.zeros(5, dtype=torch.long), 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_is_refused(dtype):
+    from torch import nn
+
+    from locallip.certify import certify
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+    x = torch.rand(4, 1, 4, 4).to(dtype)
+    with pytest.raises(ValueError, match="reduced precision is refused"):
+        certify(net, x, torch.zeros(4, dtype=torch.long), 0.1)
+    with pytest.raises(ValueError, match="parameters are torch.float16|parameters are torch.bfloat16"):
+        certify(net, x.float(), torch.zeros(4, dtype=torch.long), 0.1)
+
+
+def test_calibrate_names_an_input_shape_mismatch(smoke, tmp_path, capsys, monkeypatch):
+    project = clone_project(smoke, tmp_path / "p")
+    monkeypatch.chdir(project)
+    from locallip.nn import build_model
+
+    other = build_model("2c2f", "clipped_relu", (1, 64, 64), 10)
+    save_model(tmp_path / "other.pt", other, train={"bound": "local"})
+    before = _digests(project / "results" / SMOKE)
+    rc, err = _cli(["calibrate", "experiment=smoke", "--model", str(tmp_path / "other.pt")], capsys)
+    line = _one_line(err)
+    assert rc == 2 and "calibration images of shape (1, 28, 28) do not fit the model input (1, 64, 64)" in line, line
+    assert _digests(project / "results" / SMOKE) == before
+
+
+def test_the_readme_says_what_a_new_radius_reruns(smoke):
+    """The README's account of what a new radius reruns is what the workflow plans."""
+    from pipeline_helpers import job_keys, new_radius, radii_override, smoke_radii
+
+    readme = (REPO / "README.md").read_text()
+    assert "a new radius adds one certify job per system of the report" in readme
+    top = max(smoke_radii(SMOKE)) * 2  # above the largest: the curve's range follows it
+    jobs = job_keys(planned_jobs(smoke, targets=[f"results/{SMOKE}/report.md"], config=smoke_config(
+        experiment_overrides={SMOKE: [radii_override(smoke_radii(SMOKE) + [top])]})))
+    from locallip.foundation.ranges import radius_tag
+
+    assert ("certify", SMOKE, radius_tag(top)) in jobs and ("certify", SMOKE_BASELINE, radius_tag(top)) in jobs
+    assert ("radii", SMOKE) in jobs and ("report", SMOKE) in jobs
+    assert "radius above the largest also reruns `radii`" in readme
+
+
+def test_a_dry_run_of_dvc_works_in_a_fresh_clone(tmp_path):
+    """`dvc repro --dry` cannot plan past a stage whose outputs do not exist yet (DVC's limitation):
+    `python workflow/scripts/dvc_pipeline.py dry` lists what `dvc repro` would run, in order."""
+    from pipeline_helpers import copy_project, dvc_pipeline, git
+
+    project = copy_project(tmp_path / "p")
+    git(project, "init", "-q")
+    p = dvc_pipeline(project, "dry")
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert lines[0].startswith("download-") and any(ln.startswith("report-") for ln in lines)
+    names = [ln.split()[0] for ln in lines]
+    assert names.index("download-mnist5k_r158") < names.index("train-mnist5k_r158") < names.index(
+        "report-mnist5k_r158")
+    assert "dvc_pipeline.py dry" in (REPO / "README.md").read_text()

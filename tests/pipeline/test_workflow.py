@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from locallip.pipeline import dag
 from locallip.foundation import layout as paths
+from locallip.foundation.provenance import code_deps
+from locallip.pipeline import dag
+from locallip.pipeline.table import stage
 from locallip.foundation.compose import compose, experiment_names, plain
 from locallip.foundation.ranges import radius_tag
 from locallip.pipeline.table import stage_config
@@ -25,10 +27,11 @@ from pipeline_helpers import (REPO, SMOKE, SMOKE_BASELINE, SPEED_OVERRIDES, clon
                               inspect_workflow, job_keys, mtimes, new_radius, outputs_of, planned_jobs,
                               radii_override, smoke_config, smoke_project, smoke_radii, snakemake, touch_later)
 
-STAGES = ("download", "train", "calibrate", "certify", "radii", "report")
-RULE_FILES = STAGES
+STAGES = ("download", "train", "calibrate", "certify", "radii", "export", "report")
+RULE_FILES = ("common", "stages", "external")  # the rules come from the stage table, in a loop
+DEFAULT_EXPERIMENTS = ["mnist5k_r158"]
 GPU_RULES = ("train", "calibrate", "certify", "radii")
-LOCAL_RULES = ("download", "report")
+LOCAL_RULES = ("download", "export", "report")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -50,13 +53,15 @@ def smoke(tmp_path_factory) -> Path:
     return smoke_project(tmp_path_factory)
 
 
-def expected_jobs(cfgs: dict, names, radii_of=None):
-    """(rule, experiment[, radius]) of every job needed for the reports of ``names`` from scratch."""
+def expected_jobs(cfgs: dict, names, exports=False):
+    """(rule, experiment[, radius]) of every job needed for the reports of ``names`` from scratch
+    (and their model exports: the default target builds those too)."""
     names = dag.with_baselines(names, cfgs)
     radii = dag.certify_radii(cfgs, names)
     keys = []
     for n in names:
         keys += [("download", n), ("train", n), ("calibrate", n), ("radii", n), ("report", n)]
+        keys += [("export", n)] if exports else []
         keys += [("certify", n, radius_tag(r)) for r in radii[n]]
     return sorted(keys)
 
@@ -68,11 +73,14 @@ def test_standard_layout_and_thin_entry_point():
     code = [ln for ln in top.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert code[0] == 'include: "workflow/Snakefile"'
     assert "shell:" not in top and "locallip" not in top  # no stage logic at the top level
-    for stage in RULE_FILES + ("common",):
-        assert (REPO / "workflow" / "rules" / f"{stage}.smk").is_file()
+    for name in RULE_FILES:
+        assert (REPO / "workflow" / "rules" / f"{name}.smk").is_file()
     main = (REPO / "workflow" / "Snakefile").read_text()
-    for stage in STAGES + ("common",):
-        assert f'include: "rules/{stage}.smk"' in main
+    for name in RULE_FILES:
+        assert f'include: "rules/{name}.smk"' in main
+    # every stage's rule is made from the table, in one loop: no stage is named in the rules
+    loop = (REPO / "workflow" / "rules" / "stages.smk").read_text()
+    assert "for _stage in STAGES:" in loop and not any(f'"{s}"' in loop for s in STAGES)
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     assert {"experiments", "overrides"} <= set(schema["properties"])
     profile = yaml.safe_load((REPO / "workflow" / "profiles" / "default" / "config.yaml").read_text())
@@ -111,18 +119,19 @@ def test_rules_only_call_the_cli(rules):
 
 def test_each_stage_depends_on_its_own_module_and_the_core_it_uses():
     src = "src/locallip/"
-    deps = {s: set(dag.code_deps(s)) for s in STAGES}
+    deps = {s: set(code_deps(stage(s).module)) for s in STAGES}
     mods = lambda *names: {f"{src}{n}.py" for n in names}  # noqa: E731
-    core = mods("nn/activations", "nn/models", "bounds/localbound", "bounds/spectral", "bounds/krylov", "certify")
-    assert core | mods("losses", "stages/train", "data/splits") <= deps["train"]
+    core = mods("nn/activations", "nn/models", "bounds/localbound", "bounds/spectral", "bounds/krylov",
+                "certify/cascade")
+    assert core | mods("losses", "training", "stages/train", "data/splits") <= deps["train"]
     assert core | mods("stages/calibrate", "data/splits") <= deps["calibrate"]
-    assert core | mods("attack", "stages/certify", "data/splits") <= deps["certify"]
-    assert not mods("stages/train", "losses") & deps["certify"]  # certify does not rerun for training code
+    assert core | mods("attack", "certify/split", "stages/certify", "data/splits") <= deps["certify"]
+    assert not mods("stages/train", "losses", "training") & deps["certify"]  # certify: no rerun for training code
     assert not mods("data/sources") & deps["train"]  # nor train for dataset loaders
     assert {d for d in deps["report"] if "/stages/report/" not in d} == mods("stages/__init__")
     assert mods("data/sources", "stages/download") <= deps["download"] and not core & deps["download"]
-    for s in STAGES:  # the pipeline package (CLI, config, layout, files) reruns nothing
-        assert not any("/pipeline/" in d for d in deps[s]), s
+    for s in STAGES:  # the foundation and the orchestration (CLI, config, layout, files) rerun nothing
+        assert not any("/pipeline/" in d or "/foundation/" in d for d in deps[s]), s
         assert all((REPO / f).is_file() for f in deps[s])
 
 
@@ -170,8 +179,8 @@ def test_default_target_is_the_default_reports(project, rules):
     assert rules["default_target"] in ("default", "all")
     cfgs = dag.compose_all()
     jobs = planned_jobs(project, targets=())
-    assert job_keys(jobs) == expected_jobs(cfgs, ["mnist5k", "mnist5k_r158"])
-    assert ("report", "mnist5k") in job_keys(jobs)
+    assert job_keys(jobs) == expected_jobs(cfgs, DEFAULT_EXPERIMENTS, exports=True)
+    assert ("report", DEFAULT_EXPERIMENTS[0]) in job_keys(jobs)
 
 
 def test_every_experiment_has_a_report_target(project):
@@ -191,10 +200,11 @@ def test_every_experiment_has_a_report_target(project):
 
 def test_report_depends_on_its_baseline(project):
     jobs = job_keys(planned_jobs(project, targets=["results/mnist5k/report.md"]))
-    assert ("train", "mnist5k_gloro") in jobs
-    for r in dag.compose_all()["mnist5k"].certify.radii:
-        assert ("certify", "mnist5k_gloro", radius_tag(r)) in jobs
-    assert ("report", "mnist5k_gloro") not in jobs  # its certificates, not its report
+    for b in ("mnist5k_gloro", "mnist5k_bcp"):  # every baseline the report shows
+        assert ("train", b) in jobs
+        for r in dag.compose_all()["mnist5k"].certify.radii:
+            assert ("certify", b, radius_tag(r)) in jobs
+        assert ("report", b) not in jobs  # its certificates, not its report
 
 
 # --------------------------------------------------------------------------- configuration
@@ -209,7 +219,8 @@ def _shell_cfgs(text: str) -> dict:
         words = shlex.split(line)
         stage = words[words.index("locallip") + 1]
         cfg = json.loads(words[words.index("--cfg-json") + 1])
-        key = (stage, cfg["name"]) + ((radius_tag(cfg["radius"]),) if stage == "certify" else ())
+        name = cfg["config"]["name"] if stage == "report" else cfg["name"]
+        key = (stage, name) + ((radius_tag(cfg["radius"]),) if stage == "certify" else ())
         found[key] = cfg
     return found
 
@@ -224,7 +235,9 @@ def test_jobs_receive_exactly_their_stage_config(project):
     for key, cfg in found.items():
         stage, name = key[0], key[1]
         radius = float(key[2]) if stage == "certify" else None
-        assert cfg == plain(stage_config(cfgs[name], stage, radius)), key
+        assert cfg == dag.job(cfgs, name, stage, radius).params, key
+        if stage != "report":  # the report's settings also carry the commands that rebuild it
+            assert cfg == plain(stage_config(cfgs[name], stage, radius)), key
     first = radius_tag(cfgs[SMOKE].certify.radii[0])
     assert found[("train", SMOKE)]["train"]["epochs"] == 3
     assert found[("certify", SMOKE, first)]["certify"]["max_iter"] == 77
@@ -268,7 +281,7 @@ def test_smoke_run_produced_every_output(smoke):
     for n in (SMOKE, SMOKE_BASELINE):
         expected = [paths.splits(n), paths.model(n), paths.train_metrics(n), paths.calibrated_model(n),
                     paths.calibration(n), paths.report(n), paths.training_plot(n), paths.diagnostics_plot(n),
-                    paths.radius_plot(n), paths.radii_table(n)]
+                    paths.radius_plot(n), paths.radii_table(n), paths.time_plot(n), paths.steps_table(n)]
         expected += [f(n, r) for r in cfgs[n].certify.radii
                      for f in (paths.certificate, paths.certificate_table)]
         for f in expected:
@@ -350,7 +363,7 @@ def test_snakemake_html_report(smoke, tmp_path):
     html = (project / "report.html").read_text(errors="replace")
     assert len(html) > 50_000
     for name in ("report.md", "training.png", "bound_diagnostics.png", "certified_vs_radius.png", "radius_0.1.csv",
-                 "Certification", "locallip: certifiably robust"):
+                 "certified_vs_time.png", "steps.csv", "Certification", "locallip: certifiably robust"):
         assert name in html, name
 
 

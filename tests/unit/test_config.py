@@ -10,7 +10,8 @@ import pytest
 
 from locallip.foundation.compose import compose, experiment_names, from_plain, plain
 from locallip.foundation.schema import Arch, Bound, ConfigError, DatasetName, Guarantee
-from locallip.pipeline.table import STAGE_TYPES, STAGES, stage_config
+from locallip.pipeline.table import NAMES as STAGES
+from locallip.pipeline.table import stage, stage_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config"
@@ -59,7 +60,7 @@ BAD = [
     "certify.attack.step_size=-1", "certify.attack.step_size=0", "certify.attack.step_size=nan",
     "certify.attack.steps=0", "certify.attack.restarts=0", "certify.batch_size=0", "certify.delta=0",
     "certify.delta=1", "certify.inflation=0", "certify.steps=0", "certify.seed=-1", "certify.radii=[]",
-    "certify.radii=[0.1,0.1]", "certify.radii=[-0.1]", "certify.curve_tol=0", "certify.curve_max_radius=0",
+    "certify.radii=[0.1,0.1]", "certify.radii=[-0.1]", "curve.tol=0", "curve.max_radius=0", "curve.batch_size=0",
     "train.val_every=0", "train.batch_size=0", "train.epochs=0", "train.lr=0", "train.lr=inf",
     "train.lr_decay=0", "train.kappa_end=2", "train.solver_steps=0", "train.power_iters=0",
     "train.diagnostics_size=-1", "train.eps_train=-0.1", "train.val_max_iter=0",
@@ -80,12 +81,12 @@ def test_weakened_power_iteration_is_rejected():
         _compose("smoke", ["certify.method=power", "certify.tol=1e9", "certify.max_iter=1"])
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_stage_parts_round_trip_and_validate(stage):
+@pytest.mark.parametrize("stage_name", STAGES)
+def test_stage_parts_round_trip_and_validate(stage_name):
     cfg = _compose("mnist5k")
-    part = stage_config(cfg, stage, 0.3 if stage == "certify" else None)
-    assert isinstance(part, STAGE_TYPES[stage])
-    again = from_plain(STAGE_TYPES[stage], json.loads(json.dumps(plain(part))))
+    part = stage_config(cfg, stage_name, 0.3 if stage_name == "certify" else None)
+    assert isinstance(part, stage(stage_name).config)
+    again = from_plain(stage(stage_name).config, json.loads(json.dumps(plain(part))))
     assert plain(again) == plain(part)
 
 
@@ -94,18 +95,18 @@ def test_from_plain_refuses_bad_stage_values():
     bad = json.loads(json.dumps(good))
     bad["certify"]["tol"] = float("inf")
     with pytest.raises(ConfigError, match="certify.tol"):
-        from_plain(STAGE_TYPES["certify"], bad)
+        from_plain(stage("certify").config, bad)
     bad = json.loads(json.dumps(good))
     bad["certify"]["tolerance"] = 1e-4
     with pytest.raises(ConfigError, match="tolerance"):
-        from_plain(STAGE_TYPES["certify"], bad)
+        from_plain(stage("certify").config, bad)
 
 
 def test_cosmetic_settings_are_in_no_stage_part():
     a, b = _compose("smoke"), _compose("smoke", ["run.progress=true", "run.threads=7"])
     assert b.run.threads == 7
-    for stage in STAGES:
-        assert plain(stage_config(a, stage, 0.1)) == plain(stage_config(b, stage, 0.1)), stage
+    for name in STAGES:
+        assert plain(stage_config(a, name, 0.1)) == plain(stage_config(b, name, 0.1)), name
 
 
 def test_a_new_radius_changes_no_certify_part():

@@ -15,6 +15,7 @@ import pytest
 
 from locallip.foundation.compose import compose
 from locallip.foundation.ranges import radius_tag
+from locallip.foundation.schema import ReportStage
 from locallip.stages.report import run_report
 from locallip.stages.report import plots as P
 from locallip.stages.report import tables as T
@@ -25,13 +26,24 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RADII = [0.1, 0.3, 0.5]
 
 
-def make_cfg(name="toy", baseline="toy_gloro", radii=RADII):
+def make_cfg(name="toy", baseline="toy_gloro", radii=RADII, curve=True):
+    """The report's settings: this experiment's configuration and its baseline's."""
     cfg = compose("mnist5k", config_dir=REPO / "config")
     cfg.name = name
     cfg.description = "synthetic report test"
     cfg.certify.radii = list(radii)
-    cfg.report.baseline = baseline
-    return cfg
+    cfg.curve.enabled = curve
+    cfg.report.baselines = [baseline] if baseline else []
+    baselines = {}
+    if baseline:
+        b = compose("mnist5k_gloro", config_dir=REPO / "config")
+        b.name = baseline
+        baselines[baseline] = b
+    return ReportStage(config=cfg, baselines=baselines, reproduce=[f"locallip download experiment={name}"])
+
+
+def report(cfg, main, base=None):
+    return run_report(cfg, main, main / "report.md", baseline_dirs=[base] if base else [])
 
 
 def _write(path: Path, obj) -> None:
@@ -127,23 +139,26 @@ def test_formatting():
 
 def test_report_with_baseline(dirs):
     main, base = dirs
-    out = main / "report.md"
-    run_report(make_cfg(), main, out, baseline_dir=base)
+    out = report(make_cfg(), main, base)
     text = out.read_text()
     # every guarantee level is named in the column it heads
     assert "certified, local bound, probabilistic: P(false) <= 1e-09 per point (%)" in text
     assert "certified, global bound, exact (%)" in text
     assert _row(text, "0.3")[:5] == ["0.3", "500", "95.0", "87.0", "81.0"]
-    # side by side: each model's headline certificate, the difference and the winner
-    side = [ln for ln in text.splitlines() if ln.startswith("| 0.3 |")][-1]
-    assert "87.0" in side and "85.0" in side and "+2.0" in side and "**toy**" in side
-    side_05 = [ln for ln in text.splitlines() if ln.startswith("| 0.5 |")][-1]
-    assert "+2.0" in side_05 and "**toy**" in side_05
+    # side by side: each model's headline certificate, the winner and the difference
+    assert "| 0.3 | 87.0 | 85.0 | **toy** | +2.0 |" in text
+    assert "| 0.5 | 72.0 | 70.0 | **toy** | +2.0 |" in text
+    # equal training time: both runs' times and the answer from the validation curves
+    equal = text.split("### At equal training time")[1].split("## Plots")[0]
+    assert "toy (this model): Local-Lip" in equal and "toy_gloro: GloRo" in equal and "13.00 s" in equal
+    assert "by 13.00 s of training" in equal
+    # how to reproduce: the stage commands it was given
+    assert "locallip download experiment=toy" in text
     # what the certificates guarantee: delta, steps, the expected number of false certificates
     assert "P(false) <= 1e-09 (delta per layer" in text and "92 steps" in text and "at most 5e-07" in text
     # settings come from what the stages recorded, with the model digest and code versions
     assert "sha256 `" + "a" * 64 + "`" in text and "certify `ce57`" in text
-    for name in ("training.png", "bound_diagnostics.png", "certified_vs_radius.png"):
+    for name in ("training.png", "bound_diagnostics.png", "certified_vs_radius.png", "certified_vs_time.png"):
         _assert_png(main / "plots" / name)
         assert f"(plots/{name})" in text
     assert "(certify/radius_0.1.csv)" in text
@@ -151,9 +166,7 @@ def test_report_with_baseline(dirs):
 
 def test_report_without_baseline_and_without_curve(tmp_path):
     main = make_experiment(tmp_path / "results" / "toy", curve=False)
-    cfg = make_cfg(baseline=None)
-    cfg.certify.curve = False
-    run_report(cfg, main, main / "report.md")
+    report(make_cfg(baseline=None, curve=False), main)
     text = (main / "report.md").read_text()
     assert "### Side by side" not in text and "baseline" not in text.split("## Plots")[0].lower()
     _assert_png(main / "plots" / "certified_vs_radius.png")
@@ -166,10 +179,10 @@ def test_a_winner_per_radius_with_ties_and_losses(dirs):
         c = json.loads(p.read_text())
         c["certified_acc_local"] = local
         p.write_text(json.dumps(c))
-    run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+    report(make_cfg(), main, base)
     lines = (main / "report.md").read_text().split("### Side by side")[1].split("## Plots")[0]
-    assert "| 0.1 | 92.0 | 92.0 | +0.0 | **tie** |" in lines
-    assert "| 0.3 | 80.0 | 85.0 | -5.0 | **toy_gloro** |" in lines
+    assert "| 0.1 | 92.0 | 92.0 | tie: toy, toy_gloro | +0.0 |" in lines
+    assert "| 0.3 | 80.0 | 85.0 | **toy_gloro** | -5.0 |" in lines
 
 
 def test_broken_attack_is_flagged(dirs):
@@ -178,7 +191,7 @@ def test_broken_attack_is_flagged(dirs):
     c = json.loads(p.read_text())
     c["attack"]["broken"] = 2
     p.write_text(json.dumps(c))
-    run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+    report(make_cfg(), main, base)
     text = (main / "report.md").read_text()
     assert "**WARNING**: this model, radius 0.3: the attack broke 2 of 300" in text
     assert "**WARNING: 2/300 broken**" in text
@@ -186,7 +199,7 @@ def test_broken_attack_is_flagged(dirs):
 
 def test_calibration_sections(dirs):
     main, base = dirs
-    run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+    report(make_cfg(), main, base)
     text = (main / "report.md").read_text()
     assert "| before calibration | 97.3 | 60.1 |" in text and "| all | 1.25 | 97.1 | 64.9 | yes |" in text
 
@@ -202,7 +215,7 @@ def test_missing_input_raises_and_writes_nothing(dirs, which):
             "baseline_certificate": base / "certify" / "radius_0.5.json", "radii": main / "certify" / "radii.csv"}[which]
     path.unlink()
     with pytest.raises(FileNotFoundError, match=path.name):
-        run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+        report(make_cfg(), main, base)
     assert not (main / "report.md").exists() and not (main / "plots").exists()
 
 
@@ -210,7 +223,7 @@ def test_a_failed_audit_record_refuses_the_report(dirs):
     main, base = dirs
     (main / "certify" / "radius_0.3.json.audit-failed.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="attack audit"):
-        run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+        report(make_cfg(), main, base)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -226,7 +239,7 @@ def test_certificates_that_do_not_belong_together_are_refused(dirs, change, mess
     change(c)
     p.write_text(json.dumps(c))
     with pytest.raises(ValueError, match=message):
-        run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+        report(make_cfg(), main, base)
     assert not (main / "report.md").exists()
 
 
@@ -236,7 +249,7 @@ def test_a_model_other_than_the_trained_one_is_refused(dirs):
     m["best_epoch"] = 4  # a retrain chose another epoch; the certificates are from the old model
     (main / "train" / "metrics.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="epoch 3.*epoch 4"):
-        run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+        report(make_cfg(), main, base)
 
 
 def test_malformed_certificate_names_file_and_key(dirs):
@@ -246,7 +259,7 @@ def test_malformed_certificate_names_file_and_key(dirs):
     del c["attack"]
     p.write_text(json.dumps(c))
     with pytest.raises(ValueError, match=r"radius_0.1.json: missing key\(s\) attack"):
-        run_report(make_cfg(), main, main / "report.md", baseline_dir=base)
+        report(make_cfg(), main, base)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -285,9 +298,9 @@ def test_report_names_settings_that_differ_from_the_committed_config(dirs):
             c["provenance"]["settings"] = {"name": "mnist5k", "radius": r,
                                            "certify": {**copy.deepcopy(_certify_settings()), "tol": 1e-5}}
             p.write_text(json.dumps(c))
-    run_report(cfg, main, main / "report.md", baseline_dir=base)
+    report(cfg, main, base)
     text = (main / "report.md").read_text()
-    assert "differ from what `config/experiment/mnist5k.yaml` composes to now" in text
+    assert "differ from what `config/experiment/mnist5k.yaml` composed to" in text
     assert "certify.tol=1e-05" in text
 
 

@@ -3,11 +3,15 @@
 # every stage's inputs, outputs, settings and command (the same the DVC generator and the
 # report read).
 import re
+from pathlib import Path
+
+import yaml
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from locallip.foundation import layout
+from locallip.foundation.provenance import code_deps
 from locallip.foundation.schema import ConfigError
 from locallip.pipeline import dag
 from locallip.pipeline.table import STAGES
@@ -37,6 +41,11 @@ LOGS = str(layout.logs_dir(EXP))
 
 def default_reports():
     return [str(layout.report(n)) for n in DEFAULT_EXPERIMENTS]
+
+
+def default_exports():
+    """Every default experiment's model card (and its load-safe model files)."""
+    return [str(layout.exported(n)["card"]) for n in DEFAULT_EXPERIMENTS]
 
 
 def _job(stage, wildcards):
@@ -85,3 +94,18 @@ def stage_log(stage):
 def stage_resources(stage):
     """The table's resources; stages that run on a GPU ask for as many as they use processes."""
     return {**stage.resources, **({} if stage.local else {"gpu": gpus})}
+
+
+# --------------------------------------------------------------------------- external models
+EXTERNAL_DIR = Path("config") / "external"
+EXTERNAL = sorted(p.stem for p in EXTERNAL_DIR.glob("*.yaml"))
+
+
+def external_inputs(wildcards):
+    """The declaration, the files it names (weights, layers, points) and the code that certifies."""
+    path = EXTERNAL_DIR / f"{wildcards.name}.yaml"
+    decl = yaml.safe_load(path.read_text()) or {}
+    files = [decl[k] for k in ("model", "architecture") if k in decl]
+    data = decl.get("data", "")
+    files += [data] if data and not str(data).startswith("dataset:") else []
+    return {"declaration": str(path), "files": files, "code": code_deps("stages.certify_model")}

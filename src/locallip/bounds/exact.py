@@ -27,6 +27,7 @@ inner coordinates, kept in LAPACK's band storage, and factorised by
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from .operators import AffineOp
+from .solvers import LayerNorms
 
 Tensor = torch.Tensor
 
@@ -132,8 +134,9 @@ def build_exact_layer(op: AffineOp, side: str, max_entries: int = DEFAULT_MAX_EN
     S = S[perm]  # rows: outer coordinates in position-major order; columns: inner coordinates
     n = S.shape[0]
     nz = S != 0
-    sparse = S.to_sparse_csr()
-    G = (sparse @ S.T.to_sparse_csr()).to_dense()  # S is sparse for convolutions: ~2x faster than dense
+    with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"; the product is exact
+        warnings.simplefilter("ignore", UserWarning)
+        G = (S.to_sparse_csr() @ S.T.to_sparse_csr()).to_dense()  # S is sparse for convolutions: ~2x faster
     nzG = (G != 0).nonzero()
     w = int((nzG[:, 0] - nzG[:, 1]).abs().max()) if nzG.numel() else 0
     if n * (w + 1) ** 2 > max_flops:
@@ -294,7 +297,6 @@ def exact_layer_solver(global_norms: Tensor, max_iter: int, tol: float, work_dty
     layer rests on is appended to ``layers``.
     """
     from .krylov import _empty, lanczos_norm
-    from .localbound import LayerNorms
 
     def solve(l, op, col_mask, row_mask, v0):
         batch = v0.shape[0]

@@ -33,6 +33,7 @@ from typing import List, Optional
 import torch
 
 from .operators import AffineOp, _batch_norm, _in_dtype, _masked_linear, _masked_transpose, _normalize
+from .solvers import LayerNorms
 
 Tensor = torch.Tensor
 
@@ -246,7 +247,6 @@ def probabilistic_layer_solver(global_norms: Tensor, delta_layer: float, inflati
     independent of the model) returns the layer's ``LayerNorms``; what each layer rests on is
     appended to ``layers``.
     """
-    from .localbound import LayerNorms
 
     def solve(l, op, col_mask, row_mask, v0):
         batch = row_mask.shape[0] if col_mask is None else max(row_mask.shape[0], col_mask.shape[0])

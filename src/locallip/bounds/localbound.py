@@ -22,6 +22,7 @@ from .exact import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_FLOPS, exact_layer_solver
 from .globalbound import ESTIMATE, global_bound
 from .krylov import lanczos_norm, probabilistic_layer_solver
 from .operators import AffineOp, _act_interval, _act_masks, _batch_norm, network_layers
+from .solvers import LayerNorms, Solver
 from .spectral import power_iteration_norm, restarted_lanczos_norm
 
 Tensor = torch.Tensor
@@ -62,20 +63,6 @@ class LocalBound:
         """(column mask, row mask) of every hidden layer's masked operator, as the bound used them."""
         cols: List[Optional[Tensor]] = [None] + list(self.masks[:-1])
         return list(zip(cols, self.row_masks or self.masks))
-
-
-@dataclass
-class LayerNorms:
-    """What a per-layer solver returns for a batch: the norms and what they are."""
-
-    sigma: Tensor  # [B] the value used for ||diag(row) W diag(col)||
-    work: int  # steps / iterations / operator applications (max over the batch)
-    converged: Tensor  # [B] bool (estimates); True for bounds
-    deterministic: Tensor  # [B] bool: a deterministic upper bound
-
-
-#: ``solve(l, op, col_mask, row_mask, v0) -> LayerNorms`` for hidden layer l.
-Solver = Callable[[int, AffineOp, Optional[Tensor], Tensor, Tensor], LayerNorms]
 
 
 @dataclass
@@ -129,7 +116,11 @@ def check_input(model: nn.Module, x: Tensor) -> None:
         raise ValueError("x is an empty batch (0 samples)")
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"x has dtype {x.dtype}: the bounds and their rounding margins assume float32 or "
-                         f"float64 (convert the model and x with .double())")
+                         f"float64, so reduced precision is refused (convert the model and x with .double())")
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    if dtypes and dtypes != [str(x.dtype)]:
+        raise ValueError(f"the model's parameters are {', '.join(dtypes)} but x is {x.dtype}: bound and certify in "
+                         f"one dtype, float32 or float64 (float64 recommended: model.double(), x.double())")
     declared = getattr(model, "input_shape", None)
     if declared is not None and tuple(declared) != tuple(x.shape[1:]):
         raise ValueError(f"input of shape {tuple(x.shape)} does not match the model's input {tuple(declared)}")
@@ -184,21 +175,9 @@ def local_bound(model: nn.Sequential, x: Tensor, eps: Union[float, Tensor], *,
     Any plain Sequential of supported layers works: the input shape is taken from ``x``.
     ``clean`` is x's clean pass (``clean_pass``) when the caller already has it.
     """
-    if guarantee not in GUARANTEE_LEVELS:
-        raise ValueError(f"guarantee must be one of {', '.join(GUARANTEE_LEVELS)}, got {guarantee!r}")
-    if method not in ("power", "lanczos", "krylov"):
-        raise ValueError(f"method must be 'power', 'lanczos' or 'krylov', got {method!r}")
-    if init not in ("global", "random"):
-        raise ValueError("init must be 'global' or 'random'")
-    if guarantee != "estimate" and init != "random":
-        raise ValueError(f"the {guarantee} guarantee needs init='random' (a start independent of the model)")
-    if masked_norms not in MASKED_NORMS:
-        raise ValueError(f"masked_norms must be one of {', '.join(MASKED_NORMS)}, got {masked_norms!r}")
-    if masked_norms != "always" and (guarantee != "estimate" or init != "global"):
-        raise ValueError("masked_norms other than 'always' is a training option: it needs guarantee='estimate' "
-                         "and init='global'")
-    if exact_fallback not in ("global", "probabilistic"):
-        raise ValueError(f"exact_fallback must be 'global' or 'probabilistic', got {exact_fallback!r}")
+    _check_levels(guarantee, method, init, masked_norms, exact_fallback)
+    if (guarantee == "probabilistic" or exact_fallback == "probabilistic") and not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     check_input(model, x)
     ops, acts = network_layers(model, input_shape=tuple(x.shape[1:]))
     eps_b = _as_batch_eps(eps, x)
@@ -217,26 +196,47 @@ def local_bound(model: nn.Sequential, x: Tensor, eps: Union[float, Tensor], *,
 
     if global_norms is None:
         global_norms = global_bound(model, method="guaranteed", input_shape=tuple(x.shape[1:])).layer_norms
-    global_norms = global_norms.to(x.dtype)
     delta_layer = delta / max(hidden, 1)
     layers: List[Dict[str, object]] = []
     info.update(delta=delta, delta_layer=delta_layer, layers=layers)
-    probabilistic = None
-    if guarantee == "probabilistic" or exact_fallback == "probabilistic":
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-        probabilistic = probabilistic_layer_solver(global_norms, delta_layer, inflation, steps, generator,
-                                                   work_dtype, layers)
-    if guarantee == "probabilistic":
-        solve = probabilistic
-    else:
-        solve = exact_layer_solver(global_norms, max_iter, tol, work_dtype, exact_max_entries, exact_max_flops,
-                                   layers, probabilistic, near_global=exact_near_global)
+    solve = _sound_solver(guarantee, global_norms.to(x.dtype), delta_layer, inflation, steps, generator, work_dtype,
+                          max_iter, tol, exact_max_entries, exact_max_flops, exact_fallback, exact_near_global, layers)
     with torch.no_grad():  # start_vectors warm-start the estimate that places the exact proof
         lb = propagate(ops, acts, x, eps_b, solve, start_vectors if guarantee == "exact" else None, generator,
                        clean=clean)
     lb.guarantee, lb.info = guarantee, info
     return lb
+
+
+def _sound_solver(guarantee, global_norms, delta_layer, inflation, steps, generator, work_dtype, max_iter, tol,
+                  max_entries, max_flops, exact_fallback, near_global, layers) -> Solver:
+    """The per-layer solver of the probabilistic or the exact level (its fallback included)."""
+    probabilistic = None
+    if guarantee == "probabilistic" or exact_fallback == "probabilistic":
+        probabilistic = probabilistic_layer_solver(global_norms, delta_layer, inflation, steps, generator,
+                                                   work_dtype, layers)
+    if guarantee == "probabilistic":
+        return probabilistic
+    return exact_layer_solver(global_norms, max_iter, tol, work_dtype, max_entries, max_flops, layers, probabilistic,
+                              near_global=near_global)
+
+
+def _check_levels(guarantee: str, method: str, init: str, masked_norms: str, exact_fallback: str) -> None:
+    if guarantee not in GUARANTEE_LEVELS:
+        raise ValueError(f"guarantee must be one of {', '.join(GUARANTEE_LEVELS)}, got {guarantee!r}")
+    if method not in ("power", "lanczos", "krylov"):
+        raise ValueError(f"method must be 'power', 'lanczos' or 'krylov', got {method!r}")
+    if init not in ("global", "random"):
+        raise ValueError("init must be 'global' or 'random'")
+    if guarantee != "estimate" and init != "random":
+        raise ValueError(f"the {guarantee} guarantee needs init='random' (a start independent of the model)")
+    if masked_norms not in MASKED_NORMS:
+        raise ValueError(f"masked_norms must be one of {', '.join(MASKED_NORMS)}, got {masked_norms!r}")
+    if masked_norms != "always" and (guarantee != "estimate" or init != "global"):
+        raise ValueError("masked_norms other than 'always' is a training option: it needs guarantee='estimate' "
+                         "and init='global'")
+    if exact_fallback not in ("global", "probabilistic"):
+        raise ValueError(f"exact_fallback must be 'global' or 'probabilistic', got {exact_fallback!r}")
 
 
 def _estimate_solver(method: str, steps: int, max_iter: int, tol: float, work_dtype, masked_norms: str,

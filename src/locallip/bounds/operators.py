@@ -40,6 +40,12 @@ class AffineOp:
                 raise ValueError("only plain zero-padded Conv2d (groups=1, dilation=1) is supported")
             if flatten:
                 raise ValueError("Flatten before Conv2d is not supported")
+            if len(self.in_shape) != 3:
+                raise ValueError(f"Conv2d needs inputs of shape (channels, height, width) per sample, got "
+                                 f"{self.in_shape}: pass x as a batch [B, C, H, W]")
+            if self.in_shape[0] != layer.in_channels:
+                raise ValueError(f"Conv2d expects {layer.in_channels} input channels, gets inputs of shape "
+                                 f"{self.in_shape}")
             c, h, w = self.in_shape
             kh, kw = layer.kernel_size
             (sh, sw), (ph, pw) = layer.stride, layer.padding

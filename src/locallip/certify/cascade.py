@@ -116,10 +116,6 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: Union[float, Tensor], b
     check_radius_arg(eps, x)
     if not isinstance(y, Tensor) or y.shape != (x.shape[0],):
         raise ValueError(f"labels of shape {tuple(getattr(y, 'shape', ()))} do not match a batch of {x.shape[0]}")
-    dtypes = {p.dtype for p in model.parameters()}
-    if dtypes and dtypes != {x.dtype}:
-        raise ValueError(f"the model's parameters are {', '.join(sorted(map(str, dtypes)))} but x is {x.dtype}: "
-                         f"certify in one dtype (float64 recommended: model.double(), x.double())")
     was_training = model.training
     model.eval()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -19,11 +20,36 @@ from torch import nn
 from ..attack import pgd_l2
 from ..bounds import GUARANTEED, GlobalBound, global_bound
 from ..distributed import Group, choose_device, shard
+from ..foundation.files import csv_text, write_json, write_text
+from ..foundation.layout import audit_failure
 from .cascade import CERTIFYING_STEPS, STEPS, Certificate, certify
 from .radius import certified_radius, global_certified_radius
 from .summary import split_summary
 
 Tensor = torch.Tensor
+
+
+class AuditFailure(RuntimeError):
+    """The attack broke a certified point: the bound or its implementation is wrong."""
+
+
+def write_certificate(out: Path, table: Path, result: dict) -> dict:
+    """Write a split's certificate (``out`` JSON, ``table`` CSV), or, when the attack broke a certified
+    point, remove the old certificate of this radius (it no longer matches what this code and model
+    produce), record the failure beside it and raise ``AuditFailure``."""
+    s = result["summary"]
+    failed = audit_failure(out)
+    if s["attack"]["broken"] > 0:
+        for stale in (out, table):
+            Path(stale).unlink(missing_ok=True)
+        write_json(failed, {"summary": s, "broken": [r for r in result["rows"]
+                                                    if r["attack_margin"] is not None and r["attack_margin"] <= 0]})
+        raise AuditFailure(f"PGD broke {s['attack']['broken']} of {s['attack']['checked']} certified points at "
+                           f"radius {s['radius']}: a certificate is wrong. Details: {failed}")
+    write_text(table, csv_text(result["rows"]))
+    write_json(out, s)
+    failed.unlink(missing_ok=True)
+    return s
 
 
 def certification_dtype(name: str) -> torch.dtype:
@@ -178,5 +204,5 @@ def radii_split(model: nn.Module, x: Tensor, y: Tensor, cfg, max_radius: float, 
     return sorted((r for part in group.all_gather(rows) for r in part), key=lambda r: r["index"])
 
 
-__all__ = ["CERTIFYING_STEPS", "GUARANTEED", "batches", "certification_dtype", "certify_split", "level_settings",
-           "prepare", "radii_split"]
+__all__ = ["AuditFailure", "CERTIFYING_STEPS", "GUARANTEED", "batches", "certification_dtype", "certify_split",
+           "level_settings", "prepare", "radii_split", "write_certificate"]

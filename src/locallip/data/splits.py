@@ -87,6 +87,14 @@ def _check_splits(splits: Splits) -> None:
         if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.ndim != 1 or len(y) != len(x):
             raise DataError(f"{s}_y must be an int64 array with one label per image ({len(x)}), got "
                             f"{getattr(y, 'dtype', type(y).__name__)} {list(getattr(y, 'shape', []))}")
+        classes = splits.meta.get("num_classes")
+        if len(y) and isinstance(classes, int) and (int(y.min()) < 0 or int(y.max()) >= classes):
+            bad = y[(y < 0) | (y >= classes)]
+            raise DataError(f"{s}_y holds labels outside [0, {classes}) (e.g. {int(bad[0])}; {len(bad)} of {len(y)}): "
+                            f"the data does not match its {classes} classes")
+    for s in ("val", "calib", "test"):  # training may be empty for a certify-only file, never these
+        if len(getattr(splits, f"{s}_y")) == 0:
+            raise DataError(f"the {s} split is empty: every stage after training needs examples in it")
 
 
 def save_splits(splits: Splits, path) -> None:

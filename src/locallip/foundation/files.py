@@ -106,7 +106,13 @@ def stage_lock(output: PathLike, stage: str) -> Iterator[Path]:
 
     output = Path(output)
     lock = output.with_name(f".{output.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        os.close(fd)
+    except PermissionError:
+        raise PermissionError(f"{stage} cannot write to {lock.parent}: permission denied (its outputs go there; "
+                              f"make the directory writable or choose another output)") from None
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:

@@ -12,6 +12,23 @@ def experiment_dir(name: str, results: Path = RESULTS) -> Path:
     return Path(results) / name
 
 
+def external_dir(name: str, results: Path = RESULTS) -> Path:
+    """Where ``locallip certify-model`` writes for an external model (config/external/<name>.yaml)."""
+    return Path(results) / "external" / name
+
+
+def export_dir(name: str, results: Path = RESULTS) -> Path:
+    """The experiment's calibrated model in load-safe form, with its model card."""
+    return experiment_dir(name, results) / "export"
+
+
+def exported(name: str, results: Path = RESULTS) -> dict:
+    """The export stage's files: weights, layer list, model card (markdown and JSON)."""
+    d = export_dir(name, results)
+    return {"weights": d / "model.safetensors", "architecture": d / "model.json", "card": d / "model_card.md",
+            "card_json": d / "model_card.json"}
+
+
 def splits(name: str, results: Path = RESULTS) -> Path:
     return experiment_dir(name, results) / "data" / "splits.npz"
 

@@ -8,11 +8,12 @@ the configuration is composed (``compose.compose``) or received by a job
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import fields, is_dataclass
 from typing import Any, Callable, Dict, Sequence
 
 from .schema import (CalibrateConfig, CertifyConfig, CertifySettings, CertifyStage, Config, ConfigError, CurveConfig,
-                     DatasetConfig, ModelConfig, RadiiStage, TrainConfig, TrainStage)
+                     DatasetConfig, ExternalModel, ModelConfig, RadiiStage, TrainConfig, TrainStage)
 
 
 def _is_number(value: Any) -> bool:
@@ -141,8 +142,22 @@ def validate_curve(c: CurveConfig, where: str = "curve") -> None:
     _number(c, "batch_size", where, 1, integer=True)
 
 
+#: An experiment's name is a directory under results/: letters, digits, '_' and '-', no path.
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
+
+def check_name(name: Any, what: str = "name") -> str:
+    """An experiment name that stays a single directory under results/ (no '/', '..' or empty name)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ConfigError(f"{what} must be letters, digits, '_' or '-' (it names results/<name>/), got {name!r}")
+    return name
+
+
 def validate(cfg: Config) -> Config:
     """Ranges that a dataclass schema cannot express; every numeric field is checked."""
+    check_name(cfg.name)
+    for b in cfg.report.baselines:
+        check_name(b, "every report.baselines entry")
     check_radius(cfg.eps, "eps")
     validate_dataset(cfg.dataset)
     validate_model(cfg.model)
@@ -167,12 +182,21 @@ def _train_stage(obj: TrainStage) -> None:
     _normalization(obj.normalization.mean, obj.normalization.std, "normalization")
 
 
+def _external(obj) -> None:
+    check_name(obj.name)
+    _check(len(obj.radii) > 0, "radii must not be empty")
+    for r in obj.radii:
+        check_radius(r, "every radii entry")
+    _number(obj, "limit", "certify-model", 1, integer=True, optional=True)
+    _normalization(obj.normalization.mean, obj.normalization.std, "normalization")
+
+
 #: The range check of each part of a stage's configuration; ``validate_stage`` walks the parts.
 CHECKS: Dict[type, Callable[[Any], None]] = {
     DatasetConfig: validate_dataset, ModelConfig: validate_model, TrainConfig: validate_train,
     CalibrateConfig: validate_calibrate, CertifySettings: validate_certify, CertifyConfig: validate_certify,
     CurveConfig: validate_curve, TrainStage: _train_stage, RadiiStage: _radii_stage,
-    CertifyStage: lambda obj: check_radius(obj.radius),
+    CertifyStage: lambda obj: check_radius(obj.radius), ExternalModel: _external,
 }
 
 
@@ -181,6 +205,8 @@ def validate_stage(obj: Any) -> None:
     if isinstance(obj, Config):
         validate(obj)
         return
+    if is_dataclass(obj) and isinstance(getattr(obj, "name", None), str):
+        check_name(obj.name)
     if type(obj) in CHECKS:
         CHECKS[type(obj)](obj)
     if is_dataclass(obj):

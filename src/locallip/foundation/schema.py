@@ -73,9 +73,10 @@ class TrainConfig:
     solver: NormSolver = NormSolver.krylov
     solver_steps: int = 8
     power_iters: int = 2
-    # Local bound: run the masked solver for every sample and layer (always), only where the masks can
-    # change the norm by more than adaptive_tol (adaptive), or never (global norms: BCP).
-    masked_norms: MaskedNorms = MaskedNorms.always
+    # Local bound: run the masked solver only where a batch's masks can change a layer's norm by more
+    # than adaptive_tol (adaptive: the others take the global norm), for every sample and layer
+    # (always), or never (global norms everywhere: BCP's bound, with the boxes kept).
+    masked_norms: MaskedNorms = MaskedNorms.adaptive
     adaptive_tol: float = 0.01
     diagnostics_size: int = 256  # validation points for the per-epoch bound diagnostics (0 = off)
     augment: bool = False  # random crop + flip (CIFAR / Tiny-ImageNet)
@@ -238,6 +239,33 @@ class RadiiStage:
     tol: float = 0.02
     batch_size: int = 256
     certify: CertifySettings = field(default_factory=CertifySettings)
+
+
+@dataclass
+class ExportStage:
+    """The calibrated model in load-safe form (safetensors + a JSON layer list) and its model card."""
+
+    name: str = MISSING
+    radii: List[float] = field(default_factory=list)  # the certificates the card reports
+
+
+@dataclass
+class ExternalModel:
+    """A model trained anywhere, to certify (``locallip certify-model``; config/external/<name>.yaml)."""
+
+    name: str = MISSING  # results/external/<name>/
+    model: str = MISSING  # its weights: a state_dict in safetensors or torch weights-only format
+    architecture: str = MISSING  # its layers: a JSON layer list (locallip.nn.describe)
+    # The points: an .npz of images ``x`` (uint8, or floats in [0, 1]; [N, C, H, W] or [N, H, W]) and
+    # labels ``y``; a locallip splits file (its test split); or ``dataset:<name>`` (that dataset's test split).
+    data: str = MISSING
+    radii: List[float] = field(default_factory=lambda: [0.1])
+    limit: Optional[int] = None  # the first N points only
+    # The per-channel normalization the model expects of its inputs (folded into its first layer),
+    # unless its architecture starts with a normalize layer already.
+    normalization: Normalization = field(default_factory=Normalization)
+    certify: CertifySettings = field(default_factory=CertifySettings)
+    curve: CurveConfig = field(default_factory=CurveConfig)
 
 
 @dataclass

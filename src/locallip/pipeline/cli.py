@@ -11,6 +11,7 @@ YAML, optionally ``--cfg-key a.b`` inside it). Paths default to the layout in
     locallip train experiment=mnist5k_r158
     locallip certify experiment=mnist5k_r158 --radius 1.58
     locallip report experiment=mnist5k_r158
+    locallip certify-model --model net.safetensors --arch net.json --data test.npz --radius 0.5
 
 Exit status: 0 done, 2 bad input (a one-line message), 3 the attack audit broke a
 certificate, 4 training diverged, 130 interrupted.
@@ -110,7 +111,7 @@ def resolve(args, s: Stage):
         if s.per_radius and radius is None:
             raise ConfigError(f"{s.name} needs --radius")
         full, cfgs = _composed(*_split_overrides(args.overrides))
-        cfg, run = from_plain(s.config, dag.job(cfgs, full.name, s.name, radius).params), full.run
+        cfg, run = from_plain(s.config, dag.job(cfgs, full.name, s.name, radius, src_dir=None).params), full.run
     if getattr(args, "threads", None) is not None:
         run = RunConfig(progress=run.progress, threads=args.threads, processes=run.processes)
     if getattr(args, "progress", None) is not None:
@@ -159,6 +160,49 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_certify_model(args) -> int:
+    """A model trained anywhere: its settings from --config and the flags, checked, then certified."""
+    from ..foundation.layout import external_dir
+    from ..foundation.schema import ExternalModel
+
+    data = _load_cfg_file(args.config, None) if args.config else {}
+    flags = {"name": args.name, "model": args.model, "architecture": args.arch, "data": args.data,
+             "limit": args.limit}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.radius:
+        data["radii"] = list(args.radius)
+    if args.mean or args.std:
+        data["normalization"] = {"mean": list(args.mean or []), "std": list(args.std or [])}
+    if args.guarantee:
+        data.setdefault("certify", {})["guarantee"] = args.guarantee
+    data.setdefault("name", Path(data.get("model") or "external").stem)
+    cfg = from_plain(ExternalModel, data, "certify-model settings")
+    run = RunConfig(progress=True if args.progress is None else args.progress, threads=args.threads or 0)
+    from ..stages.certify_model import run_certify_model
+
+    run_certify_model(cfg, Path(args.out) if args.out else external_dir(cfg.name), run=run)
+    return 0
+
+
+def _add_certify_model_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("certify-model", help="certify a model trained anywhere (weights + a layer list)")
+    p.add_argument("--config", help="settings file (YAML or JSON), e.g. config/external/<name>.yaml")
+    p.add_argument("--name", help="results go to results/external/<name>/ (default: the weights file's name)")
+    p.add_argument("--model", help="weights: a state_dict in safetensors or torch weights-only format")
+    p.add_argument("--arch", help="architecture: a JSON layer list (locallip.nn.describe)")
+    p.add_argument("--data", help="points: an .npz of x and y, a locallip splits file, or dataset:<name>")
+    p.add_argument("--radius", type=_parse_radius, action="append", help="l2 radius in [0, 1] pixel units (repeatable)")
+    p.add_argument("--guarantee", choices=("probabilistic", "exact", "estimate"))
+    p.add_argument("--mean", type=float, action="append", help="per-channel normalization the model expects")
+    p.add_argument("--std", type=float, action="append")
+    p.add_argument("--limit", type=int, help="certify only the first N points")
+    p.add_argument("--out", help="output directory (default results/external/<name>)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=_cmd_certify_model)
+    return p
+
+
 def _cmd_experiments(args) -> int:
     for name in experiment_names():
         print(name)
@@ -198,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for s in STAGES:
         parser.stage_parsers[s.name] = _add_stage_parser(sub, s)
+    _add_certify_model_parser(sub)
     return parser
 
 

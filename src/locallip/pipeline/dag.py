@@ -162,28 +162,31 @@ def outputs(stage_name: str, name: str, radius=None) -> Dict[str, str]:
 
 
 def job(cfgs: Mapping[str, Config], name: str, stage_name: str, radius: Optional[float] = None,
-        src_dir: Path = SRC_DIR) -> Job:
-    """The job of ``stage`` for experiment ``name`` (and ``radius`` for a per-radius stage)."""
+        src_dir: Optional[Path] = SRC_DIR) -> Job:
+    """The job of ``stage`` for experiment ``name`` (and ``radius`` for a per-radius stage).
+
+    ``src_dir`` is where the package's sources are, for the job's code inputs (None: leave them out,
+    e.g. when only the settings or the command are wanted)."""
     s = stage(stage_name)
     if s.per_radius and radius is None:
         raise ConfigError(f"{s.name} needs a radius")
     settings = s.settings(cfgs, name, radius if s.per_radius else None)
     if hasattr(settings, "reproduce"):  # the report: the commands that rebuild its experiment
-        settings.reproduce = reproduce_commands(cfgs, name, src_dir)
+        settings.reproduce = reproduce_commands(cfgs, name)
     inputs = dict(s.inputs(settings))
-    inputs["code"] = code_deps(s.module, src_dir)
+    inputs["code"] = code_deps(s.module, src_dir) if src_dir is not None else []
     return Job(s.name, name, float(radius) if s.per_radius else None, inputs,
                s.outputs(name, radius if s.per_radius else None), plain(settings), dict(s.options(settings)))
 
 
-def reproduce_commands(cfgs: Mapping[str, Config], name: str, src_dir: Path = SRC_DIR) -> List[str]:
+def reproduce_commands(cfgs: Mapping[str, Config], name: str) -> List[str]:
     """The stage commands (composed from config/) that rebuild experiment ``name``, in order."""
     out = []
     for s in STAGES:
         if s.name == "report" or not s.enabled(cfgs[name]):
             continue
         for r in (radii(cfgs[name]) if s.per_radius else [None]):
-            out.append(shell(command(job(cfgs, name, s.name, r, src_dir), "experiment")))
+            out.append(shell(command(job(cfgs, name, s.name, r, src_dir=None), "experiment")))
     return out + [shell(["locallip", "report", f"experiment={name}"])]
 
 

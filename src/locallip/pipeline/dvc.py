@@ -5,6 +5,7 @@ and Snakemake from redoing each other's work. Run from the repository root:
     python workflow/scripts/dvc_pipeline.py dvc    [-e EXP ...] [--configfile F] [--check] [OVERRIDE ...]
     python workflow/scripts/dvc_pipeline.py commit [-e EXP ...] [--configfile F] [OVERRIDE ...]
     python workflow/scripts/dvc_pipeline.py sync
+    python workflow/scripts/dvc_pipeline.py dry
     python workflow/scripts/dvc_pipeline.py code-deps [STAGE ...]
 
 * after ``snakemake``: ``commit`` records what Snakemake produced in ``dvc.lock``
@@ -216,6 +217,44 @@ def cmd_sync(args) -> int:
     return _touch(settings, report_targets(settings), args.cores)
 
 
+def cmd_dry(args) -> int:
+    """What `dvc repro` would run, in order: `dvc repro --dry` stops at the first stage whose inputs
+    do not exist yet (a fresh clone); `dvc status` says which stages changed, dvc.yaml what follows."""
+    import yaml
+
+    p = _run([sys.executable, "-m", "dvc", "status", "--json"], capture=True)
+    if p.returncode != 0:
+        print(p.stdout + p.stderr, file=sys.stderr)
+        return p.returncode
+    changed = set(json.loads(p.stdout.strip() or "{}"))
+    stages = (yaml.safe_load(DVC_FILE.read_text()) or {}).get("stages", {})
+    produced = {out: name for name, st in stages.items() for kind in ("outs", "metrics", "plots")
+                for out in st.get(kind, [])}
+    order: List[str] = []
+
+    def visit(name, seen=set()):  # depth-first: a stage after the stages it reads from
+        if name in seen:
+            return
+        seen.add(name)
+        for dep in stages[name].get("deps", []):
+            if dep in produced:
+                visit(produced[dep])
+        order.append(name)
+
+    for name in stages:
+        visit(name)
+    rerun = set()
+    for name in order:  # a stage reruns when it changed or reads from one that reruns
+        if name in changed or any(produced.get(d) in rerun for d in stages[name].get("deps", [])):
+            rerun.add(name)
+    for name in order:
+        if name in rerun:
+            print(f"{name}  {stages[name]['cmd']}")
+    if not rerun:
+        print("nothing to reproduce")
+    return 0
+
+
 def cmd_code_deps(args) -> int:
     for name in args.stages or [s.name for s in STAGES]:
         print(f"{name}: {' '.join(code_deps(stage(name).module))}")
@@ -246,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sync", help="after dvc pull / dvc repro: mark DVC's files up to date for Snakemake")
     p.add_argument("--cores", type=int, default=1)
     p.set_defaults(func=cmd_sync)
+    p = sub.add_parser("dry", help="list the stages `dvc repro` would run, in order (works in a fresh clone)")
+    p.set_defaults(func=cmd_dry)
     p = sub.add_parser("code-deps", help="print the source files each stage depends on")
     p.add_argument("stages", nargs="*", help=f"stages (default: all of {', '.join(s.name for s in STAGES)})")
     p.set_defaults(func=cmd_code_deps)
@@ -259,3 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         print(f"dvc_pipeline {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..foundation import layout
 from ..foundation.schema import (CalibrateStage, CertifySettings, CertifyStage, Config, ConfigError, DownloadStage,
-                                 Normalization, RadiiStage, ReportStage, TrainStage)
+                                 ExportStage, Normalization, RadiiStage, ReportStage, TrainStage)
 
 Files = Dict[str, Union[str, List[str]]]
 
@@ -103,16 +103,21 @@ def _radii(cfgs, name, radius):
                       certify=_certify_settings(cfg))
 
 
+def _export(cfgs, name, radius):
+    return ExportStage(name=name, radii=[float(r) for r in cfgs[name].certify.radii])
+
+
 def _report(cfgs, name, radius):
     import dataclasses
 
     from ..foundation.schema import RunConfig
 
+    from ..foundation.compose import compose
+
     strip = (lambda c: dataclasses.replace(c, run=RunConfig()))  # the report reads everything but `run`
-    missing = [b for b in cfgs[name].report.baselines if b not in cfgs]
-    if missing:
-        raise ConfigError(f"experiment {name}: its report baselines {', '.join(missing)} are not composed")
-    return ReportStage(config=strip(cfgs[name]), baselines={b: strip(cfgs[b]) for b in cfgs[name].report.baselines})
+    # Baselines the caller did not compose come from config/ as committed.
+    base = {b: cfgs[b] if b in cfgs else compose(b) for b in cfgs[name].report.baselines}
+    return ReportStage(config=strip(cfgs[name]), baselines={b: strip(c) for b, c in base.items()})
 
 
 # --------------------------------------------------------------------------- files of each stage
@@ -170,6 +175,14 @@ STAGES: Tuple[Stage, ...] = (
           outputs=lambda n, r: {"out": str(layout.radii_table(n))}, inputs=_splits_and(layout.calibrated_model),
           flags={"data": "--data", "model": "--model", "out": "--out"}, enabled=lambda cfg: cfg.curve.enabled,
           parallel=True, resources={"mem_mb": 8000, "runtime": 240}, dvc={"out": "outs"}),
+    Stage("export", "stages.export", "run_export", ExportStage,
+          "write the calibrated model as safetensors + a layer list, with its model card", _export,
+          outputs=lambda n, r: {k: str(v) for k, v in layout.exported(n).items()},
+          inputs=lambda s: {"data": [str(layout.splits(s.name))], "model": [str(layout.calibrated_model(s.name))],
+                            "certificates": [str(layout.certificate(s.name, r)) for r in s.radii]},
+          flags={"data": "--data", "model": "--model", "weights": "--weights", "architecture": "--architecture",
+                 "card": "--card", "card_json": "--card-json"},
+          local=True, dvc={"weights": "outs", "architecture": "outs", "card": "outs", "card_json": "metrics"}),
     Stage("report", "stages.report", "run_report", ReportStage, "write results/<experiment>/report.md", _report,
           outputs=lambda n, r: {"out": str(layout.report(n)), "training_plot": str(layout.training_plot(n)),
                                 "diagnostics_plot": str(layout.diagnostics_plot(n)),

@@ -115,13 +115,17 @@ def _calibrate(cfg: CalibrateStage, data: Path, model: Path, out: Path, summary:
               "tried": [], "chosen_scale": None, "chosen_scales": None, "before": None, "after": None,
               "bound": bound, "trained_model_sha256": file_digest(model), "code_version": code_version("stages.calibrate"),
               "settings": plain(cfg)}
+    # The data is checked even where calibration has nothing to choose: a bad file fails here, not later.
+    splits = load_splits(data)
+    x, y = to_tensors(splits.calib_x, splits.calib_y)
+    if tuple(x.shape[1:]) != tuple(net.input_shape):
+        raise ValueError(f"calibration images of shape {tuple(x.shape[1:])} do not fit the model input "
+                         f"{tuple(net.input_shape)}")
     if not threshold_layers(net):
         result["message"] = (f"model activation {net.spec.get('activation')!r} has no clipping thresholds: "
                              f"passed through unchanged")
         print(f"[calibrate] {cfg.name}: {result['message']}")
     else:
-        splits = load_splits(data)
-        x, y = to_tensors(splits.calib_x, splits.calib_y)
         net.eval()
         result.update(calibrate_thresholds(net, x, y, bound, cc))
         result["applicable"] = True

@@ -11,19 +11,14 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..certify.split import certify_split
+from ..certify.split import AuditFailure, certify_split, write_certificate  # noqa: F401 (AuditFailure: re-exported)
 from ..data.splits import load_splits, to_tensors
-from ..foundation import layout
 from ..nn.checkpoint import load_model
 from ..foundation.compose import plain
 from ..foundation.schema import CertifyStage, RunConfig
 from ..foundation.provenance import code_version
-from ..foundation.files import csv_text, file_digest, stage_lock, write_json, write_text
+from ..foundation.files import file_digest, stage_lock
 from ..distributed import Group, process_group, set_threads
-
-
-class AuditFailure(RuntimeError):
-    """The attack broke a certified point: the bound or its implementation is wrong."""
 
 
 def run_certify(cfg: CertifyStage, data: Path, model: Path, out: Path, table: Path,
@@ -62,19 +57,7 @@ def _certify(cfg: CertifyStage, data: Path, model: Path, out: Path, table: Path,
         "test_split_sha256": {k: splits.meta.get("sha256", {}).get(k) for k in ("test_x", "test_y")},
         "code_version": code_version("stages.certify"),
     }
-    failed = layout.audit_failure(out)
-    if s["attack"]["broken"] > 0:
-        # The old certificate for this radius no longer matches what this code and model produce:
-        # remove it, so that nothing downstream can use it.
-        for stale in (out, table):
-            Path(stale).unlink(missing_ok=True)
-        write_json(failed, {"summary": s, "broken": [r for r in result["rows"]
-                                                    if r["attack_margin"] is not None and r["attack_margin"] <= 0]})
-        raise AuditFailure(f"PGD broke {s['attack']['broken']} of {s['attack']['checked']} certified points at "
-                           f"radius {radius}: a certificate is wrong. Details: {failed}")
-    write_text(table, csv_text(result["rows"]))
-    write_json(out, s)
-    failed.unlink(missing_ok=True)
+    write_certificate(out, table, result)
     levels = "  ".join(f"{lv} {v['certified_acc']:.3f}" for lv, v in s["levels"].items())
     st = s["steps"]
     share = "" if st["deterministic_share"] is None else f", {100 * st['deterministic_share']:.1f}% deterministic"

@@ -76,7 +76,7 @@ def side_by_side(systems: Sequence[System]) -> Tuple[List[str], List[List[str]]]
         known = [(v, s.name) for v, s in zip(vals, systems) if v is not None]
         best_v = max(v for v, _ in known)
         winners = [n for v, n in known if abs(v - best_v) < 1e-12]
-        others = [v for v, s in zip(vals, systems[1:]) if v is not None]
+        others = [v for v in vals[1:] if v is not None]
         diff = f"{100 * (vals[0] - max(others)):+.1f}" if others and vals[0] is not None else "—"
         body.append([fmt_radius(r["radius"])] + [fmt_pct(v) for v in vals]
                     + ["tie: " + ", ".join(winners) if len(winners) > 1 else f"**{winners[0]}**", diff])
@@ -104,21 +104,25 @@ def equal_time(systems: Sequence[System], eps: float) -> Tuple[List[str], List[L
     return header, body, equal_time_answer(systems, eps, budget)
 
 
+def _winners(values: Sequence[Tuple[float, System]]) -> str:
+    best = max(v for v, _ in values)
+    top = [s for v, s in values if abs(v - best) < 1e-12]
+    names = " and ".join(f"**{s.name} ({s.method})**" for s in top)
+    return f"{names}{' (a tie)' if len(top) > 1 else ''}: {fmt_pct(best)} %"
+
+
 def equal_time_answer(systems: Sequence[System], eps: float, budget: float) -> List[str]:
     lines = []
     val = [(s.best_by(budget), s) for s in systems if s.best_by(budget) is not None]
     if val:
-        v, s = max(val, key=lambda p: p[0])
         lines.append(f"On the validation split, by {fmt_seconds(budget)} of training (this model's whole run), the "
-                     f"best certified accuracy at {fmt_radius(eps)} was reached by **{s.name} ({s.method})**: "
-                     f"{fmt_pct(v)} %.")
+                     f"best certified accuracy at {fmt_radius(eps)} was reached by {_winners(val)}.")
     fair = [s for s in systems if float(s.metrics["train_time_s"]) <= EQUAL_TIME_SLACK * budget]
     test = [(_at(s, eps), s) for s in fair if _at(s, eps) is not None]
     if len(test) > 1:
-        v, s = max(test, key=lambda p: p[0])
         lines.append(f"On the test split, among the systems trained for at most {EQUAL_TIME_SLACK:g}x this model's "
-                     f"time ({', '.join(x.name for x in fair)}), **{s.name} ({s.method})** certifies the most at "
-                     f"{fmt_radius(eps)}: {fmt_pct(v)} %.")
+                     f"time ({', '.join(x.name for x in fair)}), the most certified at {fmt_radius(eps)}: "
+                     f"{_winners(test)}.")
     longer = [s for s in systems if s not in fair]
     if longer:
         lines.append("Trained for longer than that, so not equal-time comparisons: "

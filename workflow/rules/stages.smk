@@ -1,5 +1,5 @@
 # One rule per stage of the stage table (locallip.pipeline.table): its inputs, outputs,
-# command, threads, resources and HTML-report entries all come from the table, so a new
+# command, threads, priority, resources and HTML-report entries all come from the table, so a new
 # stage needs no rule of its own. Each rule runs one `locallip` CLI command.
 for _stage in STAGES:
 
@@ -15,6 +15,7 @@ for _stage in STAGES:
         log:
             stage_log(_stage),
         threads: _stage.threads
+        priority: _stage.priority
         resources:
             **stage_resources(_stage),
         conda:

@@ -127,7 +127,8 @@ def _audit(model, xb, radius: float, glo: Certificate, certs: Dict[str, Certific
     idx = check.nonzero().squeeze(1)
     with torch.enable_grad():
         am = pgd_l2(model, xb[idx], glo.prediction[idx], radius, steps=attack.steps, restarts=attack.restarts,
-                    step_size=attack.step_size, generator=gen)
+                    step_size=attack.step_size, generator=gen,
+                    work_dtype=certification_dtype(str(attack.dtype)))
     attack_margin[idx] = am
     part["audited"] += int(idx.numel())
     hit = torch.zeros_like(check)

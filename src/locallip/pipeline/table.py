@@ -53,6 +53,7 @@ class Stage:
     parallel: bool = False  # data-parallel under torchrun when run.processes > 1 (one process per GPU)
     local: bool = False  # runs on the submitting node (no GPU, no cluster job)
     threads: int = 1
+    priority: int = 0  # Snakemake starts higher first among ready jobs (the long chains: training)
     resources: Dict[str, int] = field(default_factory=dict)  # mem_mb, runtime (minutes); gpu follows `parallel`
     report: Dict[str, ReportItem] = field(default_factory=dict)  # outputs in Snakemake's HTML report
     dvc: Dict[str, str] = field(default_factory=dict)  # output -> "outs" (cached) | "metrics" | "plots"
@@ -153,7 +154,9 @@ STAGES: Tuple[Stage, ...] = (
           inputs=lambda s: {"data": [str(layout.splits(s.name))]},
           options=lambda s: {"state": str(layout.train_state(s.name))},
           flags={"data": "--data", "out": "--out", "metrics": "--metrics", "state": "--state"},
-          parallel=True, threads=2, resources={"mem_mb": 16000, "runtime": 24 * 60},
+          # One thread per training: on CPUs two trainings side by side get ~1.3x the work of one
+          # on two threads (bench/train_step.py, --threads 1 vs 2); raise it with --set-threads train=N.
+          parallel=True, threads=1, priority=1, resources={"mem_mb": 16000, "runtime": 24 * 60},
           dvc={"out": "outs", "metrics": "metrics"}),
     Stage("calibrate", "stages.calibrate", "run_calibrate", CalibrateStage,
           "choose clipping thresholds on the calibration split", _calibrate,

@@ -55,7 +55,15 @@ def train_step(d) -> list:
                      f"| {_r(r['local_over_local_ball'])} |")
     lines.append("")
     for s in d["settings"]:
-        r = s["ratios"]
+        r, t = s["ratios"], s["step_s"]
+        if "local_adaptive_over_gloro" in r:
+            lines.append(f"{s['arch'].upper()} ({s['activation']}, eps {s['eps']:g}), the masks in training: "
+                         f"the default adaptive step {t['local_adaptive']['median'] * 1000:.0f} ms = "
+                         f"{_r(r['local_adaptive_over_gloro'])} x GloRo; masked norms on every sample and layer "
+                         f"(`always`, the local column) {_r(r['local_over_gloro'])} x GloRo, "
+                         f"{_r(r['local_over_local_adaptive'])} x adaptive; no masks (BCP) "
+                         f"{t['bcp']['median'] * 1000:.0f} ms = {_r(r['bcp_over_gloro'])} x GloRo.")
+            lines.append("")
         if "local_over_local_power2" in r:
             lines.append(f"{s['arch'].upper()} ({s['activation']}): the training bound with {s['solver_steps']} Lanczos "
                          f"steps per layer costs {_r(r['local_over_local_power2'])} x the old 2 power iterations "
@@ -114,44 +122,45 @@ def train_step(d) -> list:
 
 
 def certify(d) -> list:
-    sp, acc, t, su = d["samples_per_s"], d["certified_acc"], d["targets"], d["speedup_over_reference"]
-    levels = [lv for lv in ("probabilistic", "exact", "estimate") if lv in sp]
-    what = {"probabilistic": "probabilistic (P(false) <= {delta:g} per point, inflation <= {inflation:g})",
-            "exact": "exact (Cholesky proof, global fallback)", "estimate": "estimate ({method}, tol {tol:g}; not a guarantee)"}
+    """The certification cascade against one level (probabilistic masked norms) for every point."""
+    if "speedup_cascade" not in d:  # a file from before the cascade
+        return ["### Certification throughput (`python -m bench.certify_throughput`)", "",
+                "_(results file predates the cascade; rerun the benchmark)_", ""]
+    t, m = d["targets"], d["model"]
     lines = ["### Certification throughput (`python -m bench.certify_throughput`)", "",
              f"_{_machine(d)}._", "",
-             f"Model: {d['model'].get('source')} ({d['model'].get('arch')}, {d['model'].get('activation')}, "
-             f"epoch {d['model'].get('epoch')}); {d['n']} test points at eps {d['eps']:g}, "
+             f"Model: {m.get('source')} ({m.get('arch')}, {m.get('activation')}, epoch {m.get('epoch')}); "
+             f"{d['n']} test points at radii {', '.join(f'{r:g}' for r in d['radii'])}, "
              f"{d['dtype'].replace('torch.', '')}, batch {d['batch_size']}, "
-             f"{d['seconds']['reference']['n']} interleaved rounds.", "",
-             "| local-bound level | samples/s | x reference | certified acc | per-sample agreement with reference |",
-             "|---|---|---|---|---|"]
-    for lv in levels:
-        lines.append(f"| {what[lv].format(**d['settings'][lv])} | {_r(sp[lv], '{:.1f}')} | {_r(su[lv], '{:.1f}')} "
-                     f"| {100 * acc[lv]:.2f}% | {100 * d['per_sample_agreement_with_reference'][lv]:.1f}% |")
-    lines += [f"| reference: power, tol 0 (exactly 2000 iterations/layer), estimate | {_r(sp['reference'], '{:.2f}')} "
-              f"| 1 | {100 * acc['reference']:.2f}% | - |", "",
-              f"Probabilistic vs reference: {su['probabilistic']['median']:.1f}x (target >= "
-              f"{t['speedup']['target_min']:g}x: {_met(t['speedup']['met'])}); probabilistic vs estimate certified "
-              f"accuracy gap {d['probabilistic_vs_estimate_gap_points']:.2f} points (<= "
-              f"{t['accuracy_agreement']['max_gap_points']:g}: {_met(t['accuracy_agreement']['met'])}).", "",
-              f"tol=0 check: {d['tol0_iteration_check']['A_applications']} applications of A and "
-              f"{d['tol0_iteration_check']['AT_applications']} of A^T over {d['tol0_iteration_check']['layers']} "
-              f"layers = exactly {d['tol0_iteration_check']['max_iter']} iterations per layer "
-              f"(+1 final norm evaluation): {'ok' if d['tol0_iteration_check']['ok'] else 'FAILED'}.", ""]
-    w = d.get("operator_work")
-    if w:
-        lines.append(f"Operator work: per sample and layer the probabilistic level applies A and A^T "
-                     f"{', '.join(f'{a:.0f}' for a in w['probabilistic']['mean_applications_per_sample_per_layer'])} "
-                     f"times (reference: {w['reference']['mean_applications_per_sample_per_layer'][0]:.0f}); weighted "
-                     f"by each layer's multiply-adds that is **{w['operator_only_speedup']:.1f}x** less work, i.e. the "
-                     f"speed-up if applying the operators were the only cost.")
-        lines.append("")
-    prof = d.get("probabilistic_profile")
-    if prof:
-        lines.append(f"Where the probabilistic level spends its time (torch.profiler, one batch of {prof['batch']}): "
-                     + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["top_ops"][:6]) + ".")
-        lines.append("")
+             f"{d['seconds']['cascade']['n']} interleaved rounds. Single level = the probabilistic masked norms "
+             "on every point (the path before the cascade); cascade = the certify stage's default.", "",
+             "| | seconds (all radii) | samples/s | cascade speed-up |", "|---|---|---|---|",
+             f"| single level | {_r(d['seconds']['single_level'], '{:.1f}')} | "
+             f"{_r(d['samples_per_s']['single_level'], '{:.0f}')} | 1 |",
+             f"| cascade | {_r(d['seconds']['cascade'], '{:.2f}')} | {_r(d['samples_per_s']['cascade'], '{:.0f}')} "
+             f"| **{_r(d['speedup_cascade'], '{:.1f}')}** |",
+             f"| certified_radius, single level | {_r(d['seconds']['radius_single_level'], '{:.1f}')} | - | 1 |",
+             f"| certified_radius, cascade | {_r(d['seconds']['radius_cascade'], '{:.2f}')} | - "
+             f"| **{_r(d['speedup_radius_cascade'], '{:.1f}')}** |", "",
+             "| radius | certified, single level | certified, cascade | agreement | only cascade | only single "
+             "| deterministic share | points per step |", "|---|---|---|---|---|---|---|---|"]
+    for r, v in d["per_radius"].items():
+        steps = ", ".join(f"{k} {n}" for k, n in v["cascade_steps"].items() if n)
+        share = "-" if v["deterministic_share"] is None else f"{100 * v['deterministic_share']:.1f}%"
+        lines.append(f"| {float(r):g} | {100 * v['certified_single_level']:.1f}% | {100 * v['certified_cascade']:.1f}% "
+                     f"| {100 * v['agreement']:.1f}% | {v['cascade_only']} | {v['single_level_only']} | {share} "
+                     f"| {steps} |")
+    rc, a = d["radii_comparison"], d["audit_of_cascade_certificates"]
+    lines += ["", f"Certified radii ({rc['points']} points): mean {rc['mean_single_level']:.4f} single level, "
+              f"{rc['mean_cascade']:.4f} cascade; smaller by more than the search tolerance at "
+              f"{rc['smaller_beyond_tolerance']} points. Attack audit of every cascade certificate: "
+              f"{a['broken']} broken of {a['checked']}.", "",
+              f"Targets: cascade speed-up {t['speedup']['median']:.1f} >= {t['speedup']['target_min']:g} "
+              f"{_met(t['speedup']['met'])}; at least as many certified {_met(t['at_least_as_many']['met'])}; "
+              f"agreement {100 * t['agreement']['min']:.1f}% >= {100 * t['agreement']['target_min']:.1f}% "
+              f"{_met(t['agreement']['met'])}; radius speed-up {t['radius_speedup']['median']:.1f} >= "
+              f"{t['radius_speedup']['target_min']:g} {_met(t['radius_speedup']['met'])}; radii not smaller "
+              f"{_met(t['radii_not_smaller']['met'])}; audit {_met(t['audit']['met'])}.", ""]
     return lines
 
 

@@ -8,9 +8,10 @@ random data, after the eps ramp (eps = eps_train, kappa = kappa_end = 0).
 Variants, interleaved round by round (see ``bench/_common.py``):
   plain     cross-entropy of the clean logits
   gloro     bound=global, loss=gloro (power_iters as configured)
-  local     bound=local, loss=bcp_mix, last_layer=ball_box (the Local-Lip training step)
+  local     bound=local, loss=bcp_mix, last_layer=ball_box, masked_norms=always (the Local-Lip
+              training step with the masked Lanczos on every sample and layer)
   local_ball  the same with last_layer=ball (shows what the BCP box intersection costs)
-  local_adaptive  the local step with train.masked_norms=adaptive (masked Lanczos only for the
+  local_adaptive  the default Local-Lip step, train.masked_norms=adaptive (masked Lanczos only for the
               samples and layers whose masks can change the norm by more than train.adaptive_tol)
   bcp       the local step with train.masked_norms=never: global norms, boxes kept (BCP)
   local_power2  the local step with the old training bound (2 warm-started power iterations
@@ -112,7 +113,7 @@ def instrumented(totals: Dict[str, float]):
         setattr(owner, attr, wrapper)
         patches.append((owner, attr, orig))
 
-    wrap(train, "global_bound", "global_bound (power, 1 iter; local warm start)")
+    wrap(train, "global_bound", "global_bound (train.solver, warm-started; the local step's start vectors)")
     wrap(train, "local_bound", "local_bound (total)")
     wrap(operators.AffineOp, "forward", "  layer forward W h + b (clean + IBP centre)")
     wrap(operators.AffineOp, "abs_linear", "  IBP radius |W| r")
@@ -223,8 +224,8 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
     cfgs = {
         "plain": None,
         "gloro": replace(tc, bound="global", loss="gloro"),
-        "local": replace(tc, bound="local", loss="bcp_mix", last_layer="ball_box"),
-        "local_ball": replace(tc, bound="local", loss="bcp_mix", last_layer="ball"),
+        "local": replace(tc, bound="local", loss="bcp_mix", last_layer="ball_box", masked_norms="always"),
+        "local_ball": replace(tc, bound="local", loss="bcp_mix", last_layer="ball", masked_norms="always"),
         # masked Lanczos only where the batch's masks can change a layer's norm (train.masked_norms=adaptive)
         "local_adaptive": replace(tc, bound="local", loss="bcp_mix", last_layer="ball_box", masked_norms="adaptive"),
         # no masked norms at all: BCP's bound (global norms, the boxes kept)
@@ -232,12 +233,12 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
     }
     if str(tc.solver) == "krylov":
         cfgs["local_power2"] = replace(tc, bound="local", loss="bcp_mix", last_layer="ball_box",
-                                       solver="power", power_iters=2)
+                                       masked_norms="always", solver="power", power_iters=2)
     if tc.sparsity_weight > 0:
         # The sparsity loss is built from the interval bounds of every layer, so (like ball_box) it makes
         # the backward pass run through the whole interval chain; this variant shows what that costs.
         cfgs["local_ball_nosparsity"] = replace(tc, bound="local", loss="bcp_mix", last_layer="ball",
-                                                sparsity_weight=0.0)
+                                                masked_norms="always", sparsity_weight=0.0)
     phases = {n: {"forward+loss": [], "backward": [], "optimizer": []} for n in cfgs}
     steps = {n: make_step(copy.deepcopy(base), c, x_pool, y_pool, eps, kappa, phases[n]) for n, c in cfgs.items()}
     print(f"[train_step] {setting['name']}: {rounds} rounds x {per_round} steps per variant "

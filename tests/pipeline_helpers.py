@@ -116,6 +116,20 @@ def smoke_cfg(name: str = SMOKE, overrides: Iterable[str] = ()):
     return compose(name, [*SPEED_OVERRIDES, *overrides], config_dir=REPO / "config")
 
 
+# A smaller smoke dataset for tests that train several times in-process (resume, retrain):
+# what they check does not depend on the amount of data, and each training costs ~5x less.
+SMALL_DATA_OVERRIDES = ["dataset.train_limit=200", "dataset.val_size=40", "train.diagnostics_size=0"]
+
+
+def small_splits(path: Path, overrides: Iterable[str] = ()) -> Path:
+    """Write the splits of the smoke experiment with ``SMALL_DATA_OVERRIDES`` (plus ``overrides``) to ``path``."""
+    from locallip.pipeline.table import stage_config
+    from locallip.stages.download import run_download
+
+    run_download(stage_config(smoke_cfg(SMOKE, [*SMALL_DATA_OVERRIDES, *overrides]), "download"), Path(path))
+    return Path(path)
+
+
 def smoke_radii(name: str = SMOKE) -> List[float]:
     return [float(r) for r in smoke_cfg(name).certify.radii]
 

@@ -262,7 +262,8 @@ def test_new_radius_in_dvc_then_snakemake_has_nothing_to_do(dvc_repo, tmp_path):
     run_orchestrate(project, "dvc", "--configfile", "radius.yaml")
     out = dvc(project, "repro").stdout
     assert ran_stages(out) == sorted([orchestrate.stage_name("certify", SMOKE, r),
-                                      orchestrate.stage_name("certify", SMOKE_BASELINE, r), f"report-{SMOKE}"])
+                                      orchestrate.stage_name("certify", SMOKE_BASELINE, r), f"export-{SMOKE}",
+                                      f"report-{SMOKE}"])
     assert mtimes([project / paths.model(SMOKE), project / paths.model(SMOKE_BASELINE)]) == trained
     made = {str(f): md5(f) for f in outputs_of(project, SMOKE) + outputs_of(project, SMOKE_BASELINE)}
     assert str(project / paths.certificate(SMOKE, r)) in made

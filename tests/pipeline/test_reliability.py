@@ -38,8 +38,8 @@ from locallip.stages.certify import run_certify
 from locallip.stages.report import run_report
 from locallip.stages.train import run_train
 
-from pipeline_helpers import (REPO, SMOKE, SMOKE_BASELINE, clone_project, env_for, planned_jobs, smoke_cfg,
-                              smoke_config, smoke_project, touch_later)
+from pipeline_helpers import (REPO, SMALL_DATA_OVERRIDES, SMOKE, SMOKE_BASELINE, clone_project, env_for, planned_jobs,
+                              small_splits, smoke_cfg, smoke_config, smoke_project, touch_later)
 
 QUIET = RunConfig(progress=False)
 
@@ -50,15 +50,12 @@ def smoke(tmp_path_factory) -> Path:
 
 
 def _short_train_cfg():
-    return stage_config(smoke_cfg(SMOKE, ["train.epochs=2", "train.ramp_epochs=1", "dataset.train_limit=200"]),
-                        "train")
+    return stage_config(smoke_cfg(SMOKE, [*SMALL_DATA_OVERRIDES, "train.epochs=2", "train.ramp_epochs=1"]), "train")
 
 
 @pytest.fixture(scope="module")
-def small_data(smoke, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("small")
-    shutil.copy(smoke / paths.splits(SMOKE), d / "splits.npz")
-    return d / "splits.npz"
+def small_data(tmp_path_factory) -> Path:
+    return small_splits(tmp_path_factory.mktemp("small") / "splits.npz")
 
 
 # --------------------------------------------------------------------------- 1. a retrain is a retrain

@@ -28,7 +28,7 @@ from locallip.stages.calibrate import run_calibrate, threshold_layers
 from locallip.stages.certify import run_certify
 from locallip.stages.train import run_train
 
-from pipeline_helpers import SMOKE, smoke_cfg, smoke_project
+from pipeline_helpers import SMALL_DATA_OVERRIDES, SMOKE, small_splits, smoke_cfg, smoke_project
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET = RunConfig(progress=False)
@@ -71,8 +71,8 @@ def test_training_learns_and_picks_best_by_validation(smoke):
 def test_resume_after_kill_matches_uninterrupted_run(smoke, tmp_path, monkeypatch):
     import locallip.stages.train as train_mod
 
-    cfg = stage_config(smoke["cfg"], "train")
-    data = smoke["dir"] / "splits.npz"
+    cfg = stage_config(smoke_cfg(SMOKE, SMALL_DATA_OVERRIDES), "train")
+    data = small_splits(tmp_path / "splits.npz")
     ref = tmp_path / "uninterrupted"  # same process, same threads: comparable bit for bit
     run_train(cfg, data=data, out=ref / "model.pt", metrics=ref / "m.json", state=ref / "state" / "last.pt", run=QUIET)
     calls = {"n": 0}

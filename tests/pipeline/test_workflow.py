@@ -53,15 +53,14 @@ def smoke(tmp_path_factory) -> Path:
     return smoke_project(tmp_path_factory)
 
 
-def expected_jobs(cfgs: dict, names, exports=False):
+def expected_jobs(cfgs: dict, names):
     """(rule, experiment[, radius]) of every job needed for the reports of ``names`` from scratch
-    (and their model exports: the default target builds those too)."""
+    (a report links its systems' model exports, so those are built too)."""
     names = dag.with_baselines(names, cfgs)
     radii = dag.certify_radii(cfgs, names)
     keys = []
     for n in names:
-        keys += [("download", n), ("train", n), ("calibrate", n), ("radii", n), ("report", n)]
-        keys += [("export", n)] if exports else []
+        keys += [("download", n), ("train", n), ("calibrate", n), ("radii", n), ("export", n), ("report", n)]
         keys += [("certify", n, radius_tag(r)) for r in radii[n]]
     return sorted(keys)
 
@@ -179,7 +178,7 @@ def test_default_target_is_the_default_reports(project, rules):
     assert rules["default_target"] in ("default", "all")
     cfgs = dag.compose_all()
     jobs = planned_jobs(project, targets=())
-    assert job_keys(jobs) == expected_jobs(cfgs, DEFAULT_EXPERIMENTS, exports=True)
+    assert job_keys(jobs) == expected_jobs(cfgs, DEFAULT_EXPERIMENTS)
     assert ("report", DEFAULT_EXPERIMENTS[0]) in job_keys(jobs)
 
 
@@ -231,7 +230,7 @@ def test_jobs_receive_exactly_their_stage_config(project):
                   "--config", f"overrides={json.dumps(overrides)}")
     found = _shell_cfgs(p.stdout)
     cfgs = {n: compose(n, overrides) for n in (SMOKE, SMOKE_BASELINE)}
-    assert len(found) == 2 * 4 + 4 + 1 and ("train", SMOKE) in found  # smoke report only
+    assert len(found) == 2 * 5 + 4 + 1 and ("train", SMOKE) in found  # smoke report only
     for key, cfg in found.items():
         stage, name = key[0], key[1]
         radius = float(key[2]) if stage == "certify" else None
@@ -302,22 +301,24 @@ def test_nothing_to_do_after_the_run(smoke):
 def test_new_radius_adds_one_certify_job_and_the_report(smoke):
     r = new_radius()
     tag = radius_tag(r)
-    # an experiment without a baseline: exactly one certify job plus its report
+    # an experiment without a baseline: exactly one certify job plus its export and report
     new = [radii_override(smoke_radii(SMOKE_BASELINE) + [r])]
     jobs = planned_jobs(smoke, targets=[f"results/{SMOKE_BASELINE}/report.md"],
                         config=smoke_config(experiment_overrides={SMOKE_BASELINE: new}))
-    assert job_keys(jobs) == [("certify", SMOKE_BASELINE, tag), ("report", SMOKE_BASELINE)]
+    assert job_keys(jobs) == [("certify", SMOKE_BASELINE, tag), ("export", SMOKE_BASELINE), ("report", SMOKE_BASELINE)]
     # with a baseline: its report also needs the baseline certified at the new radius
     new = [radii_override(smoke_radii(SMOKE) + [r])]
     jobs = planned_jobs(smoke, targets=[f"results/{SMOKE}/report.md"],
                         config=smoke_config(experiment_overrides={SMOKE: new}))
-    assert job_keys(jobs) == [("certify", SMOKE, tag), ("certify", SMOKE_BASELINE, tag), ("report", SMOKE)]
+    # (the baseline's export card holds its own radii only: it does not change)
+    assert job_keys(jobs) == [("certify", SMOKE, tag), ("certify", SMOKE_BASELINE, tag), ("export", SMOKE),
+                              ("report", SMOKE)]
 
 
 def test_training_setting_reruns_train_onward(smoke):
     jobs = planned_jobs(smoke, targets=[f"results/{SMOKE}/report.md"],
                         config=smoke_config(experiment_overrides={SMOKE: ["train.lr=0.002"]}))
-    assert job_keys(jobs) == sorted([("calibrate", SMOKE), ("radii", SMOKE), ("report", SMOKE), ("train", SMOKE)]
+    assert job_keys(jobs) == sorted([("calibrate", SMOKE), ("export", SMOKE), ("radii", SMOKE), ("report", SMOKE), ("train", SMOKE)]
                                     + [("certify", SMOKE, radius_tag(r)) for r in smoke_radii(SMOKE)])
 
 
@@ -325,7 +326,7 @@ def test_certify_setting_reruns_only_certify_and_report(smoke):
     jobs = planned_jobs(smoke, targets=[f"results/{SMOKE_BASELINE}/report.md"],
                         config=smoke_config(experiment_overrides={SMOKE_BASELINE: ["certify.attack.steps=7"]}))
     # the attack is part of every certify job's settings, and of the radii job's (same settings section)
-    assert job_keys(jobs) == sorted([("radii", SMOKE_BASELINE), ("report", SMOKE_BASELINE)]
+    assert job_keys(jobs) == sorted([("export", SMOKE_BASELINE), ("radii", SMOKE_BASELINE), ("report", SMOKE_BASELINE)]
                                     + [("certify", SMOKE_BASELINE, radius_tag(r))
                                        for r in smoke_radii(SMOKE_BASELINE)])
 
@@ -335,7 +336,7 @@ def test_bound_code_change_reruns_train_onward(smoke, tmp_path):
     touch_later(project / "src" / "locallip" / "bounds" / "localbound.py", append="\n# a change to the bound code\n")
     jobs = job_keys(planned_jobs(project, targets=()))
     stages = sorted({k[0] for k in jobs})
-    assert stages == ["calibrate", "certify", "radii", "report", "train"], jobs
+    assert stages == ["calibrate", "certify", "export", "radii", "report", "train"], jobs
     assert ("train", SMOKE) in jobs and ("train", SMOKE_BASELINE) in jobs
     assert len([k for k in jobs if k[0] == "certify"]) == len(smoke_radii(SMOKE)) + len(smoke_radii(SMOKE_BASELINE))
 

@@ -309,3 +309,34 @@ def _certify_settings():
     from locallip.pipeline.table import stage_config
     s = plain(stage_config(compose("mnist5k", config_dir=REPO / "config"), "certify", 0.3))
     return s["certify"]
+
+
+def test_baselines_are_paired_with_their_directories_in_the_listed_order(tmp_path):
+    """The job configuration reaches the report with sorted keys; the directories come in the
+    order ``report.baselines`` lists them. Each baseline's numbers must carry its own name."""
+    main = make_experiment(tmp_path / "results" / "toy")
+    zz = make_experiment(tmp_path / "results" / "zz_gloro", bound="global", applicable=False,
+                         cert_local=(0.50, 0.40, 0.30), cert_global=(0.50, 0.40, 0.30))
+    aa = make_experiment(tmp_path / "results" / "aa_bcp", cert_local=(0.60, 0.55, 0.45),
+                         cert_global=(0.58, 0.52, 0.41))
+    cfg = make_cfg(baseline="zz_gloro")
+    b = copy.deepcopy(cfg.baselines["zz_gloro"])
+    b.name = "aa_bcp"
+    cfg.config.report.baselines = ["zz_gloro", "aa_bcp"]
+    cfg.baselines = {"aa_bcp": b, "zz_gloro": cfg.baselines["zz_gloro"]}  # sorted, as the JSON arrives
+    out = run_report(cfg, main, main / "report.md", baseline_dirs=[zz, aa])
+    text = out.read_text()
+    assert "| 0.3 | 87.0 | 40.0 | 55.0 | **toy** |" in text
+    assert "### zz_gloro (baseline: GloRo" in text and "### aa_bcp (baseline:" in text
+    zz_section = text.split("### zz_gloro")[1].split("###")[0]
+    assert "| 0.3 |" in zz_section and "40.0" in _row(zz_section, "0.3")
+
+
+def test_report_links_the_exported_model_when_the_export_stage_ran(dirs):
+    main, base = dirs
+    assert "Exported model" not in report(make_cfg(), main, base).read_text()
+    for f in ("model.safetensors", "model.json", "model_card.md", "model_card.json"):
+        (main / "export").mkdir(exist_ok=True)
+        (main / "export" / f).write_text("x")
+    text = report(make_cfg(), main, base).read_text()
+    assert "[weights](export/model.safetensors)" in text and "[model card](export/model_card.md)" in text

@@ -243,7 +243,10 @@ def params_block(cfg: Config, stage_name: str, cfgs: Optional[Mapping[str, Confi
     s = stage(stage_name)
     everything = dict(cfgs or {})
     everything[cfg.name] = cfg
-    p = plain(s.settings(everything, cfg.name, 0.0 if s.per_radius else None))
+    settings = s.settings(everything, cfg.name, 0.0 if s.per_radius else None)
+    if hasattr(settings, "reproduce"):  # the report, as job() gives it: DVC's report lists the same commands
+        settings.reproduce = reproduce_commands(everything, cfg.name)
+    p = plain(settings)
     if s.per_radius:
         p.pop("radius")
     return p

@@ -130,7 +130,9 @@ def _report_inputs(s: ReportStage) -> Dict[str, List[str]]:
     out = {"metrics": [str(layout.train_metrics(name))], "calibration": [str(layout.calibration(name))],
            "certificates": [str(layout.certificate(name, r)) for r in radii],
            "tables": [str(layout.certificate_table(name, r)) for r in radii],
-           "radii": [str(layout.radii_table(name))] if cfg.curve.enabled else [], "baselines": []}
+           "radii": [str(layout.radii_table(name))] if cfg.curve.enabled else [], "baselines": [],
+           # every system's export is part of what its report stands for (and links)
+           "exports": [str(layout.exported(n)["card_json"]) for n in [name, *s.baselines]]}
     for b, bcfg in s.baselines.items():
         out["baselines"] += [str(layout.train_metrics(b)), str(layout.calibration(b))]
         out["baselines"] += [str(layout.certificate(b, r)) for r in radii]

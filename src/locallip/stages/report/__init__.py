@@ -25,11 +25,19 @@ from .plots import plot_bound_diagnostics, plot_certified_vs_radius, plot_certif
 from .render import render_report
 from .tables import levels_of, steps_csv
 
-__all__ = ["run_report"]
+__all__ = ["baseline_names", "run_report"]
 
 
 def _rel(target: Path, report_file: Path) -> str:
     return Path(os.path.relpath(Path(target).resolve(), Path(report_file).resolve().parent)).as_posix()
+
+
+def baseline_names(cfg: ReportStage) -> List[str]:
+    """The baselines in the order the experiment lists them (``report.baselines``), which is the
+    order of the directories the workflow passes. The ``baselines`` mapping itself may arrive
+    reordered (the job configuration is serialised with sorted keys), so it is not the order."""
+    listed = [b for b in cfg.config.report.baselines if b in cfg.baselines]
+    return listed + [b for b in cfg.baselines if b not in listed]
 
 
 def run_report(cfg: ReportStage, experiment_dir: Path, out: Path, baseline_dirs: Optional[Sequence[Path]] = None,
@@ -39,7 +47,7 @@ def run_report(cfg: ReportStage, experiment_dir: Path, out: Path, baseline_dirs:
     experiment_dir, out = Path(experiment_dir), Path(out)
     radii = [float(r) for r in main_cfg.certify.radii]
     dirs: List[Path] = [Path(d) for d in (baseline_dirs or [])]
-    names = list(cfg.baselines)
+    names = baseline_names(cfg)
     if len(dirs) != len(names):
         raise ValueError(f"the report of {main_cfg.name} compares {len(names)} baseline(s) ({', '.join(names) or 'none'})"
                          f" but was given {len(dirs)} baseline director{'y' if len(dirs) == 1 else 'ies'}")
@@ -75,6 +83,9 @@ def _write(cfg: ReportStage, systems: List[System], out: Path, experiment_dir: P
     rel = {k: _rel(v, out) for k, v in plot_paths.items()}
     for i, r in enumerate(main_cfg.certify.radii):
         rel[f"table_{i}"] = _rel(layout.certificate_table(name, r, root), out)
+    exported = layout.exported(name, root)
+    if all(p.is_file() for p in exported.values()):  # the export stage ran (the workflow runs it first)
+        rel.update({f"export_{k}": _rel(v, out) for k, v in exported.items()})
     write_text(layout.steps_table(name, root), steps_csv(certs))
     text = render_report(main_cfg, systems, rel, reproduce=cfg.reproduce,
                          generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), version=__version__)

@@ -161,7 +161,15 @@ def _results(main: System, plots: Dict[str, str]) -> List[str]:
              "Accuracies in percent of the test split. *certified* = predicted correctly and every worst-case margin "
              f"strictly positive at that radius. The attack audit runs PGD ({a['steps']} steps, {a['restarts']} "
              f"restarts, step {a['step_size']:g} x radius) against every point certified at any level; any success "
-             f"is a soundness bug. Per-sample tables: {tables}.", ""] + steps_lines(certs))
+             f"is a soundness bug. Per-sample tables: {tables}.", ""] + steps_lines(certs) + _export(plots))
+
+
+def _export(plots: Dict[str, str]) -> List[str]:
+    if "export_weights" not in plots:
+        return []
+    return [f"Exported model (loads without running code; re-certify it with `locallip certify-model`): "
+            f"[weights]({plots['export_weights']}) (safetensors), [layers]({plots['export_architecture']}), "
+            f"[model card]({plots['export_card']}) ([JSON]({plots['export_card_json']})).", ""]
 
 
 def _baseline(s: System) -> List[str]:

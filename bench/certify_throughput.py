@@ -12,7 +12,7 @@ On the same test points of a trained model (float64 model, float32 iterations, b
 as the certify stage does), both are timed over the configured radii, interleaved round
 by round; so are ``certified_radius`` with and without the cascade (each in the batches the
 radii stage gives it: ``certify.batch_size`` for one level everywhere, its best on CPU, and
-``certify.curve_batch_size`` for the cascade). Reports samples/s, the
+``curve.batch_size`` for the cascade). Reports samples/s, the
 speed-up per round, certified accuracy per radius, per-point agreement, the points per
 cascade step (and the deterministic share), how the radii compare (never smaller than the
 single level's beyond the search tolerance), and a PGD audit of every point the cascade
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     model, x_all, y_all, cfg, model_info = _load(args)
     cc = cfg.certify
     radii: List[float] = [float(r) for r in cc.radii]
-    max_radius = float(cc.curve_max_radius or 2 * max(radii))
+    max_radius = float(cfg.curve.max_radius or 2 * max(radii))
     dtype = torch.float64 if cc.dtype == "float64" else torch.float32
     model = model.to(dtype).eval()
     x, y = x_all[:n].to(dtype), y_all[:n]
@@ -141,11 +141,11 @@ def main(argv=None) -> dict:
         "single_level": runner("single_level", lambda: _certify_all(model, x, y, radii, g, cc, cascade=False)),
         "cascade": runner("cascade", lambda: _certify_all(model, x, y, radii, g, cc, cascade=True)),
         "radius_single_level": runner("radius_single_level",
-                                      lambda: _radii_all(model, x, y, g, cc, max_radius, cc.curve_tol, False,
+                                      lambda: _radii_all(model, x, y, g, cc, max_radius, cfg.curve.tol, False,
                                                          cc.batch_size)),
         "radius_cascade": runner("radius_cascade",
-                                 lambda: _radii_all(model, x, y, g, cc, max_radius, cc.curve_tol, True,
-                                                    cc.curve_batch_size)),
+                                 lambda: _radii_all(model, x, y, g, cc, max_radius, cfg.curve.tol, True,
+                                                    cfg.curve.batch_size)),
     }
     print(f"[certify_throughput] {n} test points, radii {radii}, {rounds} rounds; curve up to {max_radius:g}",
           flush=True)
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
             "deterministic_share": float(f["deterministic"][f["certified"]].double().mean()) if cert else None,
         }
     r_slow, r_fast = res["radius_single_level"], res["radius_cascade"]
-    worse = r_fast < r_slow * (1 - cc.curve_tol)
+    worse = r_fast < r_slow * (1 - cfg.curve.tol)
     radius_cmp = {"points": n, "smaller_beyond_tolerance": int(worse.sum()),
                   "ratio_cascade_over_single": spread((r_fast[r_slow > 0] / r_slow[r_slow > 0]).tolist()),
                   "mean_single_level": float(r_slow.mean()), "mean_cascade": float(r_fast.mean())}
@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
     n_evals = n * len(radii)
     data = {
         "quick": args.quick, "machine": info, "model": model_info, "n": n, "radii": radii, "dtype": str(dtype),
-        "batch_size": cc.batch_size, "max_radius": max_radius, "curve_tol": cc.curve_tol,
+        "batch_size": cc.batch_size, "max_radius": max_radius, "curve_tol": cfg.curve.tol,
         "seconds": {k: spread(v) for k, v in times.items()},
         "samples_per_s": {k: spread([n_evals / t for t in v]) for k, v in times.items() if "radius" not in k},
         "speedup_cascade": speed, "speedup_radius_cascade": rspeed,

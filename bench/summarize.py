@@ -47,7 +47,7 @@ def train_step(d) -> list:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in d["settings"]:
         t, r = s["step_s"], s["ratios"]
-        lines.append(f"| {s['arch'].upper()} {'x'.join(map(str, s['input_shape']))} ({s['activation']}), batch {s['batch_size']} "
+        lines.append(f"| {s['arch'].upper()} {'x'.join(map(str, s['input_shape']))} ({s['activation']}, eps {s['eps']:g}), batch {s['batch_size']} "
                      f"| {t['plain']['median'] * 1000:.0f} ms | {t['gloro']['median'] * 1000:.0f} ms "
                      f"| {t['local']['median'] * 1000:.0f} ms | {t['local_ball']['median'] * 1000:.0f} ms "
                      f"| {_r(r['local_over_plain'])} | {_r(r['local_over_gloro'])} "

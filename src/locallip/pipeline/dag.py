@@ -170,13 +170,19 @@ def job(cfgs: Mapping[str, Config], name: str, stage_name: str, radius: Optional
     s = stage(stage_name)
     if s.per_radius and radius is None:
         raise ConfigError(f"{s.name} needs a radius")
-    settings = s.settings(cfgs, name, radius if s.per_radius else None)
-    if hasattr(settings, "reproduce"):  # the report: the commands that rebuild its experiment
-        settings.reproduce = reproduce_commands(cfgs, name)
+    settings = _job_settings(s, cfgs, name, radius if s.per_radius else None)
     inputs = dict(s.inputs(settings))
     inputs["code"] = code_deps(s.module, src_dir) if src_dir is not None else []
     return Job(s.name, name, float(radius) if s.per_radius else None, inputs,
                s.outputs(name, radius if s.per_radius else None), plain(settings), dict(s.options(settings)))
+
+
+def _job_settings(s, cfgs: Mapping[str, Config], name: str, radius: Optional[float]):
+    """Stage ``s``'s typed settings for one job; the report's also carry the commands that rebuild it."""
+    settings = s.settings(cfgs, name, radius)
+    if hasattr(settings, "reproduce"):
+        settings.reproduce = reproduce_commands(cfgs, name)
+    return settings
 
 
 def reproduce_commands(cfgs: Mapping[str, Config], name: str) -> List[str]:
@@ -243,10 +249,7 @@ def params_block(cfg: Config, stage_name: str, cfgs: Optional[Mapping[str, Confi
     s = stage(stage_name)
     everything = dict(cfgs or {})
     everything[cfg.name] = cfg
-    settings = s.settings(everything, cfg.name, 0.0 if s.per_radius else None)
-    if hasattr(settings, "reproduce"):  # the report, as job() gives it: DVC's report lists the same commands
-        settings.reproduce = reproduce_commands(everything, cfg.name)
-    p = plain(settings)
+    p = plain(_job_settings(s, everything, cfg.name, 0.0 if s.per_radius else None))
     if s.per_radius:
         p.pop("radius")
     return p

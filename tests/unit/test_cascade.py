@@ -184,9 +184,37 @@ def test_every_certified_point_of_the_cascade_survives_pgd():
         assert (m > 0).all()
 
 
-def test_cascade_radius_is_never_smaller_than_the_single_level_radius_beyond_its_tolerance():
-    net = _net(3, "clipped_relu", conv=False, scale=1.2)
-    x = _x(40, 3)
+@pytest.mark.parametrize("seed,act,conv", CASES[::3])
+def test_the_screen_margin_is_never_below_a_sound_margin(seed, act, conv):
+    """What the screen's exclusions and ``certified_radius``'s tolerance rest on: at any radius, the
+    screen's worst margin (masked norms from below, global margins) is at least the whole sound
+    cascade's (global, box and sound masked steps) and the single sound levels'."""
+    from locallip.bounds import global_margins, top_singular_vectors
+    from locallip.bounds.localbound import clean_pass
+    from locallip.certify.cascade import screen_worst_margin
+
+    net = _net(seed, act, conv, scale=1.3)
+    x = _x(48, 20 + seed)
+    pred = net(x).argmax(1)
+    g = global_bound(net, method="guaranteed")
+    starts = top_singular_vectors(net, tuple(x.shape[1:]))
+    clean = clean_pass(net, x)
+    for eps in (0.05, 0.2, 0.6):
+        e = torch.full((x.shape[0],), eps, dtype=DT)
+        screen = screen_worst_margin(net, x, pred, e, global_margins(net, clean.logits, clean.features, pred,
+                                                                      g.lipschitz, e), clean, starts)
+        for level, cascade in (("exact", True), ("probabilistic", True), ("exact", False), ("probabilistic", False)):
+            c = certify(net, x, pred, eps, guarantee=level, cascade=cascade, global_result=g,
+                        generator=torch.Generator().manual_seed(0))
+            sound = c.worst_margin
+            assert (screen >= sound - 1e-9 * (1 + sound.abs())).all(), (eps, level, cascade,
+                                                                        (sound - screen).max())
+
+
+@pytest.mark.parametrize("seed,conv", [(3, False), (5, True), (8, False)])
+def test_cascade_radius_is_never_smaller_than_the_single_level_radius_beyond_its_tolerance(seed, conv):
+    net = _net(seed, "clipped_relu", conv=conv, scale=1.2)
+    x = _x(40, seed)
     y = net(x).argmax(1)
     rtol = 0.02
     for level in ("probabilistic", "exact"):

@@ -133,6 +133,20 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: Union[float, Tensor], b
         model.train(was_training)
 
 
+def screen_worst_margin(model: nn.Module, x: Tensor, pred: Tensor, eps: Tensor, m_global: Tensor, clean: CleanPass,
+                        start_vectors: List[Tensor], *, steps: int = SCREEN_STEPS,
+                        work_dtype: Optional[torch.dtype] = torch.float32, last_layer: str = "ball_box") -> Tensor:
+    """[B] the screen's worst margin: masked norms estimated from below, combined with the global margins.
+
+    Never below the worst margin of any sound step at the same radius (a sound norm is never
+    below an estimate from below, and the margins are monotone in the norms), converged or
+    not: a point it does not certify cannot be certified soundly.
+    """
+    screen = local_bound(model, x, eps, guarantee="estimate", method="krylov", steps=steps,
+                         start_vectors=start_vectors, work_dtype=work_dtype, clean=clean, **_FROM_BELOW)
+    return worst_margin(torch.maximum(local_margins(model, screen, pred, last_layer), m_global), pred)
+
+
 class _Run:
     """The per-point state of one certification: margins so far and the deciding step."""
 
@@ -212,11 +226,9 @@ class _Run:
         return self.result(guarantee, text, "local")
 
     def _screen_then_prove(self, idx: Tensor, guarantee: str, screen_steps: int, starts, kw: dict) -> None:
-        screen = local_bound(self.model, self.x[idx], self.eps[idx], guarantee="estimate", method="krylov",
-                             steps=screen_steps, start_vectors=starts, work_dtype=kw["work_dtype"],
-                             clean=self.clean.select(idx), **_FROM_BELOW)
-        m = torch.maximum(local_margins(self.model, screen, self.pred[idx], self.last_layer), self.m_global[idx])
-        w = worst_margin(m, self.pred[idx])
+        w = screen_worst_margin(self.model, self.x[idx], self.pred[idx], self.eps[idx], self.m_global[idx],
+                                self.clean.select(idx), starts, steps=screen_steps, work_dtype=kw["work_dtype"],
+                                last_layer=self.last_layer)
         # A sound bound is never below the estimate: a point the estimate fails cannot pass. The slack
         # only sends points at the edge (rounding) on to the sound computation.
         slack = 1e-6 * (1 + self.best[idx].abs())

@@ -7,8 +7,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..bounds.localbound import clean_pass
-from .cascade import SCREEN_STEPS, certify
+from ..bounds import GlobalBound, global_bound, global_margins, top_singular_vectors
+from ..bounds.localbound import CleanPass, clean_pass
+from .cascade import SCREEN_STEPS, certify, screen_worst_margin
 
 Tensor = torch.Tensor
 #: fn(indices, radii) -> worst-case margins of those points at those radii (> 0: certified)
@@ -29,10 +30,12 @@ def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
     certified at ``max_radius`` get it. ``kw`` goes to ``certify``.
 
     With the cascade (default) the search runs on the deterministic global and box steps
-    first (a few forward passes per evaluation). Then each point is tried with the whole
-    cascade at the failing end of its bracket: where the masked norms certify it there,
-    the search goes on with the whole cascade above; elsewhere the box radius is within
-    ``rtol`` of what the masked norms would give (every step is monotone in the radius).
+    first (a few forward passes per evaluation). Then each point is tried with the screen
+    (masked norms estimated from below, an upper bound of every sound certificate's margin)
+    at the failing end of its bracket: where it fails there, the box radius is within
+    ``rtol`` of what any sound masked bound would give (every step is monotone in the
+    radius); where it certifies, the screen's root is searched and the whole cascade
+    certifies just below it (or searches below, where it does not).
     ``cascade=False`` searches with one level for every point at every evaluation.
     """
     if not (isinstance(max_radius, (int, float)) and math.isfinite(max_radius) and max_radius > 0):
@@ -57,7 +60,9 @@ def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
     w_hi = torch.full((n,), float("nan"), dtype=torch.float64)  # NaN: not evaluated yet
     open_ = ((pred == labels) & (w_lo > 0)).cpu()
     g = kw.get("global_result")
-    if cascade and g is not None:
+    if cascade and g is None:  # once for every evaluation of the search, not once per evaluation
+        g = kw["global_result"] = global_bound(model, method="guaranteed", input_shape=tuple(x.shape[1:]))
+    if cascade:
         # Every step certifies at least what the global bound does: 1.25x its closed-form radius is
         # the first upper end tried (raised while it still certifies, up to max_radius).
         r_glob = global_certified_radius(model, x, labels, g.lipschitz).double().cpu()
@@ -80,11 +85,34 @@ def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
     else:
         _regula_falsi(margin_at(masked=False), lo, w_lo, hi, w_hi, open_, rtol, max_steps, top=float(max_radius))
         if kw.get("masked", True) and guarantee != "estimate":
-            screen = margin_at(guarantee="estimate", method="krylov", steps=kw.get("screen_steps", SCREEN_STEPS))
+            screen = _screen_at(model, x, labels, clean, g, steps=kw.get("screen_steps", SCREEN_STEPS),
+                                work_dtype=kw.get("work_dtype", torch.float32),
+                                last_layer=kw.get("last_layer", "ball_box"))
             _extend_with_masked_norms(screen, margin_at(), lo, w_lo, hi, w_hi, float(max_radius), rtol, max_steps)
         elif kw.get("masked", True):
             _extend_with_masked_norms(None, margin_at(), lo, w_lo, hi, w_hi, float(max_radius), rtol, max_steps)
     return torch.where((pred == labels).cpu(), lo, torch.zeros_like(lo))
+
+
+def _screen_at(model: nn.Module, x: Tensor, labels: Tensor, clean: CleanPass, g: GlobalBound, **screen_kw) -> MarginAt:
+    """The screen's worst margins at per-point radii (-1 where misclassified).
+
+    Only its masked-norm estimate and the global margins: the search asks it above the box
+    step's radius, where the box step fails (it is monotone in the radius), so computing the
+    boxes first, as ``certify`` would, is wasted work.
+    """
+    def fn(idx: Tensor, radii: Tensor) -> Tensor:
+        rows = idx.to(x.device)
+        eps = radii.to(x.dtype).to(x.device)
+        sub = clean.select(rows)
+        pred = sub.logits.argmax(dim=1)
+        with torch.no_grad():
+            if g.vectors is None:
+                g.vectors = top_singular_vectors(model, tuple(x.shape[1:]))
+            m_global = global_margins(model, sub.logits, sub.features, pred, g.lipschitz, eps)
+            w = screen_worst_margin(model, x[rows], pred, eps, m_global, sub, g.vectors, **screen_kw)
+        return torch.where(pred == labels[rows], w, torch.full_like(w, -1.0)).double().cpu()
+    return fn
 
 
 def _extend_with_masked_norms(screen: Optional[MarginAt], sound: MarginAt, lo, w_lo, hi, w_hi, max_radius: float,
@@ -94,10 +122,12 @@ def _extend_with_masked_norms(screen: Optional[MarginAt], sound: MarginAt, lo, w
     The screen's margins (masked norms estimated from below) are never below a sound
     certificate's, so the screen's radius bounds the sound one from above: a point the
     screen fails at lo / (1 - rtol) keeps its box radius, which is then within ``rtol`` of
-    what any sound masked bound certifies. For the others the root is searched with the
-    screen, and the sound cascade is asked once at the screen's certified end; only where it
-    disagrees does a search with the sound cascade run, on the bracket between the box
-    radius and that end.
+    what any sound masked bound certifies. For the others the screen's root is bracketed to
+    ``rtol / 2`` and the sound cascade is asked once, ``rtol / 2`` below the screen's
+    certified end (at the screen's root itself the sound margin, a little lower, is about
+    0): where it certifies there, the bracket up to the screen's failing end is within
+    ``rtol``. Only where it does not does a search with the sound cascade run, between the
+    box radius and that point.
     """
     cand = ((lo < max_radius) & ~torch.isnan(w_hi)).nonzero().squeeze(1)
     if not cand.numel():
@@ -114,20 +144,22 @@ def _extend_with_masked_norms(screen: Optional[MarginAt], sound: MarginAt, lo, w
     hi[up], w_hi[up] = torch.clamp(lo[up] * (1 + 3 * rtol), max=max_radius), float("nan")
     open_ = torch.zeros_like(lo, dtype=torch.bool)
     open_[up] = True
-    _regula_falsi(probe, lo, w_lo, hi, w_hi, open_, rtol, max_steps, top=max_radius)
-    if screen is None:  # the probe was the (estimate-level) cascade itself
+    if screen is None:  # the probe is the (estimate-level) cascade itself
+        _regula_falsi(probe, lo, w_lo, hi, w_hi, open_, rtol, max_steps, top=max_radius)
         return
-    w = sound(up, lo[up])
-    keep = w <= 0
-    bad = up[keep]
-    if not bad.numel():
-        return
-    # The sound certificate fails where the screen certified: search between the box radius
-    # (certified) and that point.
-    hi[bad], w_hi[bad] = lo[bad], w[keep]
-    lo[bad], w_lo[bad] = box_lo[keep], box_w[keep]
+    _regula_falsi(probe, lo, w_lo, hi, w_hi, open_, rtol / 2, max_steps, top=max_radius)
+    at_top = lo[up] >= max_radius  # the screen certifies the largest radius asked: ask the sound cascade there
+    r_check = torch.where(at_top, lo[up], torch.maximum(lo[up] * (1 - rtol / 2), box_lo))
+    w = sound(up, r_check)
+    ok = w > 0
+    lo[up[ok]], w_lo[up[ok]] = r_check[ok], w[ok]
+    # The sound certificate fails there: search between the box radius (certified) and that point.
+    bad = up[~ok]
+    hi[bad], w_hi[bad] = r_check[~ok], w[~ok]
+    lo[bad], w_lo[bad] = box_lo[~ok], box_w[~ok]
     open_ = torch.zeros_like(lo, dtype=torch.bool)
-    open_[bad] = True
+    open_[up] = True
+    open_[up[ok & at_top]] = False  # certified at max_radius
     _regula_falsi(sound, lo, w_lo, hi, w_hi, open_, rtol, max_steps)
 
 

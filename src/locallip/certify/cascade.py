@@ -133,6 +133,14 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: Union[float, Tensor], b
         model.train(was_training)
 
 
+def warm_starts(model: nn.Module, g: GlobalBound, input_shape) -> List[Tensor]:
+    """The layers' top singular vectors, the warm starts of the estimates from below: computed once
+    per model and kept on its ``GlobalBound`` (the stages pass one to every batch)."""
+    if g.vectors is None:
+        g.vectors = top_singular_vectors(model, tuple(input_shape))
+    return g.vectors
+
+
 def screen_worst_margin(model: nn.Module, x: Tensor, pred: Tensor, eps: Tensor, m_global: Tensor, clean: CleanPass,
                         start_vectors: List[Tensor], *, steps: int = SCREEN_STEPS,
                         work_dtype: Optional[torch.dtype] = torch.float32, last_layer: str = "ball_box") -> Tensor:
@@ -204,16 +212,11 @@ class _Run:
         self.iterations = list(lb.iterations)
         self.info.setdefault("levels_info", []).append(lb.info)
 
-    def warm_starts(self) -> List[Tensor]:
-        if self.g.vectors is None:  # once per model (the stages pass one GlobalBound to every batch)
-            self.g.vectors = top_singular_vectors(self.model, tuple(self.x.shape[1:]))
-        return self.g.vectors
-
     def cascade(self, guarantee: str, masked: bool, screen_steps: int, kw: dict) -> Certificate:
         self.box()
         idx = self.open()
         if masked and idx.numel():
-            starts = self.warm_starts()
+            starts = warm_starts(self.model, self.g, tuple(self.x.shape[1:]))
             if guarantee == "estimate":
                 est = dict(guarantee="estimate", method=kw["method"], max_iter=kw["max_iter"], tol=kw["tol"],
                            steps=kw["steps"], start_vectors=starts, work_dtype=kw["work_dtype"], **_FROM_BELOW)

@@ -7,9 +7,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..bounds import GlobalBound, global_bound, global_margins, top_singular_vectors
+from ..bounds import GlobalBound, global_bound, global_margins
 from ..bounds.localbound import CleanPass, clean_pass
-from .cascade import SCREEN_STEPS, certify, screen_worst_margin
+from .cascade import SCREEN_STEPS, certify, screen_worst_margin, warm_starts
 
 Tensor = torch.Tensor
 #: fn(indices, radii) -> worst-case margins of those points at those radii (> 0: certified)
@@ -60,7 +60,7 @@ def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
     w_hi = torch.full((n,), float("nan"), dtype=torch.float64)  # NaN: not evaluated yet
     open_ = ((pred == labels) & (w_lo > 0)).cpu()
     g = kw.get("global_result")
-    if cascade and g is None:  # once for every evaluation of the search, not once per evaluation
+    if g is None:  # once for every evaluation of the search, not once per evaluation
         g = kw["global_result"] = global_bound(model, method="guaranteed", input_shape=tuple(x.shape[1:]))
     if cascade:
         # Every step certifies at least what the global bound does: 1.25x its closed-form radius is
@@ -85,7 +85,7 @@ def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
     else:
         _regula_falsi(margin_at(masked=False), lo, w_lo, hi, w_hi, open_, rtol, max_steps, top=float(max_radius))
         if kw.get("masked", True) and guarantee != "estimate":
-            screen = _screen_at(model, x, labels, clean, g, steps=kw.get("screen_steps", SCREEN_STEPS),
+            screen = _screen_at(model, x, pred, labels, clean, g, steps=kw.get("screen_steps", SCREEN_STEPS),
                                 work_dtype=kw.get("work_dtype", torch.float32),
                                 last_layer=kw.get("last_layer", "ball_box"))
             _extend_with_masked_norms(screen, margin_at(), lo, w_lo, hi, w_hi, float(max_radius), rtol, max_steps)
@@ -94,7 +94,8 @@ def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
     return torch.where((pred == labels).cpu(), lo, torch.zeros_like(lo))
 
 
-def _screen_at(model: nn.Module, x: Tensor, labels: Tensor, clean: CleanPass, g: GlobalBound, **screen_kw) -> MarginAt:
+def _screen_at(model: nn.Module, x: Tensor, pred: Tensor, labels: Tensor, clean: CleanPass, g: GlobalBound,
+               **screen_kw) -> MarginAt:
     """The screen's worst margins at per-point radii (-1 where misclassified).
 
     Only its masked-norm estimate and the global margins: the search asks it above the box
@@ -104,14 +105,12 @@ def _screen_at(model: nn.Module, x: Tensor, labels: Tensor, clean: CleanPass, g:
     def fn(idx: Tensor, radii: Tensor) -> Tensor:
         rows = idx.to(x.device)
         eps = radii.to(x.dtype).to(x.device)
-        sub = clean.select(rows)
-        pred = sub.logits.argmax(dim=1)
+        sub, p = clean.select(rows), pred[rows]
         with torch.no_grad():
-            if g.vectors is None:
-                g.vectors = top_singular_vectors(model, tuple(x.shape[1:]))
-            m_global = global_margins(model, sub.logits, sub.features, pred, g.lipschitz, eps)
-            w = screen_worst_margin(model, x[rows], pred, eps, m_global, sub, g.vectors, **screen_kw)
-        return torch.where(pred == labels[rows], w, torch.full_like(w, -1.0)).double().cpu()
+            starts = warm_starts(model, g, x.shape[1:])
+            m_global = global_margins(model, sub.logits, sub.features, p, g.lipschitz, eps)
+            w = screen_worst_margin(model, x[rows], p, eps, m_global, sub, starts, **screen_kw)
+        return torch.where(p == labels[rows], w, torch.full_like(w, -1.0)).double().cpu()
     return fn
 
 

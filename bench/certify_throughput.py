@@ -22,6 +22,7 @@ certifies.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List
 
@@ -59,15 +60,14 @@ def _certify_all(model, x, y, radii, g, cc, cascade: bool) -> Dict[float, object
     from locallip.certify import certify
     from locallip.certify.split import batches, level_settings
 
-    kw = level_settings(cc, str(cc.guarantee))
-    kw["cascade"] = cascade
+    settings = replace(level_settings(cc, str(cc.guarantee)), cascade=cascade)
     g.vectors = None  # the cascade's warm starts are part of its cost (once per run, as in the stage)
     out = {}
     for r in radii:
         parts = []
         for start, gen in batches(x.shape[0], cc.batch_size, cc.seed):
             parts.append(certify(model, x[start:start + cc.batch_size], y[start:start + cc.batch_size], r, "local",
-                                 generator=gen, global_result=g, **kw))
+                                 settings, generator=gen, global_result=g))
         out[r] = {"certified": torch.cat([c.certified for c in parts]), "step": torch.cat([c.step for c in parts]),
                   "deterministic": torch.cat([c.deterministic for c in parts])}
     return out
@@ -77,15 +77,12 @@ def _radii_all(model, x, y, g, cc, max_radius: float, rtol: float, cascade: bool
     from locallip.certify import certified_radius
     from locallip.certify.split import batches, level_settings
 
-    kw = level_settings(cc, str(cc.guarantee))
-    guarantee = kw.pop("guarantee")
-    kw.pop("cascade")
+    settings = replace(level_settings(cc, str(cc.guarantee)), cascade=cascade)
     g.vectors = None
     out = []
     for start, gen in batches(x.shape[0], batch, cc.seed):
-        out.append(certified_radius(model, x[start:start + batch], y[start:start + batch],
-                                    guarantee=guarantee, max_radius=max_radius, rtol=rtol, generator=gen,
-                                    cascade=cascade, global_result=g, **kw))
+        out.append(certified_radius(model, x[start:start + batch], y[start:start + batch], settings,
+                                    max_radius=max_radius, rtol=rtol, generator=gen, global_result=g))
     return torch.cat(out)
 
 

@@ -14,8 +14,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .bounds import (converged_layer_norms, global_bound, global_margins, local_bound, local_margins,
-                     network_layers, penultimate)
+from .bounds import (NormSettings, clean_pass, converged_layer_norms, global_bound, global_margins, local_bound,
+                     local_margins, network_layers)
 from .foundation.schema import TrainConfig
 from .losses import bcp_mix_loss, gloro_loss, gloro_trades_loss, sparsity_loss
 from .nn.activations import clamp_thresholds
@@ -68,15 +68,19 @@ def training_global_bound(model: LipschitzNet, tc: TrainConfig, update: bool = T
     return global_bound(model, method=str(tc.solver), iters=steps, update=update)
 
 
-def training_local_bound(model: LipschitzNet, x: Tensor, eps: float, tc: TrainConfig):
-    """The local bound the training step optimises: warm-started from the global singular vectors,
+def training_norm_settings(tc: TrainConfig) -> NormSettings:
+    """How the training step estimates the masked norms: warm-started from the global singular vectors,
     ``solver_steps`` Lanczos steps (``solver=krylov``) or ``power_iters`` power iterations."""
-    adaptive = dict(masked_norms=str(tc.masked_norms), adaptive_tol=tc.adaptive_tol)
+    common = dict(level="estimate", init="global", work_dtype=None, masked_norms=str(tc.masked_norms),
+                  adaptive_tol=tc.adaptive_tol)
     if tc.solver == "krylov":
-        return local_bound(model, x, eps, guarantee="estimate", steps=tc.solver_steps, init="global",
-                           method="krylov", work_dtype=None, **adaptive)
-    return local_bound(model, x, eps, guarantee="estimate", max_iter=tc.power_iters, tol=0.0, init="global",
-                       method="power", work_dtype=None, **adaptive)
+        return NormSettings(steps=tc.solver_steps, method="krylov", **common)
+    return NormSettings(max_iter=tc.power_iters, tol=0.0, method="power", **common)
+
+
+def training_local_bound(model: LipschitzNet, x: Tensor, eps: float, tc: TrainConfig):
+    """The local bound the training step optimises (``training_norm_settings``)."""
+    return local_bound(model, x, eps, training_norm_settings(tc))
 
 
 def bound_diagnostics(model: LipschitzNet, x: Tensor, eps: float, tc: TrainConfig,
@@ -124,9 +128,9 @@ def robust_loss(model: LipschitzNet, x: Tensor, y: Tensor, eps: float, kappa: fl
             extra = tc.sparsity_weight * sparsity_loss(lb.pre_bounds, acts)
     else:
         g = training_global_bound(model, tc)
-        features = penultimate(model, x)
-        logits = network_layers(model)[0][-1].forward(features)
-        margins = global_margins(model, logits, features, y, g.lipschitz, eps)
+        clean = clean_pass(model, x)
+        logits = clean.logits
+        margins = global_margins(model, logits, clean.features, y, g.lipschitz, eps)
     if tc.loss == "bcp_mix":
         loss = bcp_mix_loss(logits, margins, y, kappa)
     elif tc.loss == "gloro":

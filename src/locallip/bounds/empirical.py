@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.activations import ClippedMaxMin, ClippedReLU, MaxMin, ReLU
-from .localbound import _as_batch_eps
+from .settings import as_batch_radius as _as_batch_eps
 from .margins import penultimate
 from .operators import network_layers
 

@@ -36,15 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .operators import AffineOp
+from .layers.base import AffineLayer
+from .settings import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_FLOPS
 from .solvers import LayerNorms
 
 Tensor = torch.Tensor
 
-#: Largest explicit operator (entries) built for one layer: 2.5e7 float64 = 200 MB.
-DEFAULT_MAX_ENTRIES = 25_000_000
-#: Largest per-sample factorisation cost n * (w + 1)^2 (about 0.1 s on one core).
-DEFAULT_MAX_FLOPS = 2_000_000_000
 #: Trial values t = sigma_est^2 * factor, tried in order until one is proven.
 TRIAL_FACTORS = (1.0 + 1e-6, 1.0 + 1e-3, 1.02, 1.1)
 _U = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
@@ -82,49 +79,13 @@ class ExactLayer:
     max_terms: int  # most products in one Gram entry (for the rounding bound)
 
 
-def _explicit_matrix(op: AffineOp) -> Tensor:
-    """[n_out, n_in] matrix of the layer's linear map (float64, on the CPU), entry by entry.
-
-    Every entry is a weight (over the folded Normalize std): placed by index arithmetic, so
-    the matrix carries no rounding beyond that one division.
-    """
-    w = op.weight.detach().double().cpu()
-    if isinstance(op.layer, nn.Linear):
-        if op.norm is not None:
-            w = w * (1.0 / op.norm.std.detach().double().cpu()).expand(op.in_shape).reshape(1, -1)
-        return w
-    if op.norm is not None:
-        w = w / op.norm.std.detach().double().cpu().view(1, -1, 1, 1)
-    co, ci, kh, kw = w.shape
-    _, h, wd = op.in_shape
-    _, oh, ow = op.out_shape
-    (sh, sw), (ph, pw) = op.layer.stride, op.layer.padding
-    iy = torch.arange(oh)[:, None] * sh - ph + torch.arange(kh)[None, :]  # [oh, kh]
-    ix = torch.arange(ow)[:, None] * sw - pw + torch.arange(kw)[None, :]  # [ow, kw]
-    # Broadcast over (co, oy, ox, ci, ky, kx).
-    o_c = torch.arange(co).view(co, 1, 1, 1, 1, 1)
-    oy = torch.arange(oh).view(1, oh, 1, 1, 1, 1)
-    ox = torch.arange(ow).view(1, 1, ow, 1, 1, 1)
-    i_c = torch.arange(ci).view(1, 1, 1, ci, 1, 1)
-    yy = iy.view(1, oh, 1, 1, kh, 1)
-    xx = ix.view(1, 1, ow, 1, 1, kw)
-    shape = (co, oh, ow, ci, kh, kw)
-    valid = ((yy >= 0) & (yy < h) & (xx >= 0) & (xx < wd)).expand(shape)
-    rows = (o_c * oh * ow + oy * ow + ox).expand(shape)[valid]
-    cols = (i_c * h * wd + yy.clamp(0, h - 1) * wd + xx.clamp(0, wd - 1)).expand(shape)[valid]
-    vals = w.view(co, 1, 1, ci, kh, kw).expand(shape)[valid]
-    M = torch.zeros(co * oh * ow, ci * h * wd, dtype=torch.float64)
-    M[rows, cols] = vals
-    return M
-
-
-def build_exact_layer(op: AffineOp, side: str, max_entries: int = DEFAULT_MAX_ENTRIES,
+def build_exact_layer(op: AffineLayer, side: str, max_entries: int = DEFAULT_MAX_ENTRIES,
                       max_flops: int = DEFAULT_MAX_FLOPS) -> Optional[ExactLayer]:
     """The explicit Gram structure of one layer, or None when it exceeds the budget."""
     n_in, n_out = math.prod(op.in_shape), math.prod(op.out_shape)
     if n_in * n_out > max_entries:
         return None
-    M = _explicit_matrix(op)  # [n_out, n_in]
+    M = op.explicit_matrix()  # [n_out, n_in], float64 on the CPU
     out_shape, in_shape = tuple(op.out_shape), tuple(op.in_shape)
     if side == "output":  # Gram over outputs: inner vectors are the columns of M
         outer_shape, S = out_shape, M
@@ -160,17 +121,15 @@ def build_exact_layer(op: AffineOp, side: str, max_entries: int = DEFAULT_MAX_EN
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def exact_layer(op: AffineOp, side: str, max_entries: int = DEFAULT_MAX_ENTRIES,
+def exact_layer(op: AffineLayer, side: str, max_entries: int = DEFAULT_MAX_ENTRIES,
                 max_flops: int = DEFAULT_MAX_FLOPS) -> Optional[ExactLayer]:
-    """``build_exact_layer``, cached per layer module until its weights change."""
-    w = op.layer.weight
-    key = (side, w.data_ptr(), w._version, tuple(op.in_shape), max_entries, max_flops,
-           None if op.norm is None else (op.norm.std.data_ptr(), op.norm.std._version))
-    hit = _CACHE.get(op.layer)
+    """``build_exact_layer``, cached per layer (its owning module) until its weights change."""
+    key = (side, op.weights_key(), tuple(op.in_shape), max_entries, max_flops)
+    hit = _CACHE.get(op.owner)
     if hit is not None and hit[0] == key:
         return hit[1]
     layer = build_exact_layer(op, side, max_entries, max_flops)
-    _CACHE[op.layer] = (key, layer)
+    _CACHE[op.owner] = (key, layer)
     return layer
 
 
@@ -232,7 +191,7 @@ def proven_norm(ex: ExactLayer, inner_mask: Optional[np.ndarray], outer_mask: Op
     return None
 
 
-def proven_layer_norm(op: AffineOp, max_entries: int = DEFAULT_MAX_ENTRIES,
+def proven_layer_norm(op: AffineLayer, max_entries: int = DEFAULT_MAX_ENTRIES,
                       max_flops: int = DEFAULT_MAX_FLOPS) -> Optional[float]:
     """A proven upper bound of the (unmasked) layer's norm ||W||, or None over the budget.
 
@@ -247,11 +206,11 @@ def proven_layer_norm(op: AffineOp, max_entries: int = DEFAULT_MAX_ENTRIES,
         return None
     o = op.cast(torch.float64)
     v0 = torch.randn((1,) + tuple(op.in_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    est = restarted_lanczos_norm(o, None, None, v0.to(o.weight.device), max_applications=5000, tol=1e-7)
+    est = restarted_lanczos_norm(o, None, None, v0.to(o.device), max_applications=5000, tol=1e-7)
     return proven_norm(ex, None, None, float(est.sigma[0]))
 
 
-def exact_masked_norms(op: AffineOp, col_mask: Optional[Tensor], row_mask: Tensor, estimate: Tensor,
+def exact_masked_norms(op: AffineLayer, col_mask: Optional[Tensor], row_mask: Tensor, estimate: Tensor,
                        side: str, max_entries: int = DEFAULT_MAX_ENTRIES,
                        max_flops: int = DEFAULT_MAX_FLOPS) -> Tuple[Tensor, Tensor]:
     """Per sample, a proven upper bound of ||diag(row) W diag(col)|| (NaN where none was proven).
@@ -283,72 +242,96 @@ def exact_masked_norms(op: AffineOp, col_mask: Optional[Tensor], row_mask: Tenso
     return out.to(estimate.device), proven.to(estimate.device)
 
 
-def exact_layer_solver(global_norms: Tensor, max_iter: int, tol: float, work_dtype: Optional[torch.dtype],
-                       max_entries: int, max_flops: int, layers: list, fallback=None, near_global: float = 0.0,
-                       quick_steps: int = 16):
+def exact_layer_solver(global_norms: Tensor, settings, layers: list, fallback=None, quick_steps: int = 16):
     """Per-layer solver of the exact level: a Cholesky proof placed just above a converged estimate.
 
-    With ``near_global`` > 0, a quick estimate from below (``quick_steps`` Lanczos steps from
-    the start ``v0``) comes first: where it is within that fraction of the layer's guaranteed
-    global norm, the masks change the norm by at most that much, and the global norm is used
-    (deterministic, no proof needed). Where no proof succeeds (or the layer is over the
-    budget) the layer's guaranteed global norm is used, or, with ``fallback`` (the
-    probabilistic level's solver), the probabilistic bound of those samples. What each
-    layer rests on is appended to ``layers``.
+    ``settings`` (``NormSettings``) gives the estimate's budget (``max_iter``, ``tol``,
+    ``work_dtype``), the proof's (``exact_max_entries``, ``exact_max_flops``) and
+    ``exact_near_global``: when > 0, a quick estimate from below (``quick_steps`` Lanczos steps
+    from the start ``v0``) comes first, and where it is within that fraction of the layer's
+    guaranteed global norm, the masks change the norm by at most that much and the global norm
+    is used (deterministic, no proof needed). Where no proof succeeds (or the layer is over the
+    budget) the layer's guaranteed global norm is used, or, with ``fallback`` (the probabilistic
+    level's solver), the probabilistic bound of those samples. What each layer rests on is
+    appended to ``layers``.
     """
     from .krylov import _empty, lanczos_norm
 
     def solve(l, op, col_mask, row_mask, v0):
         batch = v0.shape[0]
         g = global_norms[l].expand(batch)
-        upper = g.clone()
-        deterministic = torch.ones(batch, dtype=torch.bool, device=g.device)
+        job = _ProofJob(op, col_mask, row_mask, g, g.clone(), torch.ones(batch, dtype=torch.bool, device=g.device))
         # A mask that removes every row or column leaves the zero operator: norm 0 exactly.
         zero = _empty(row_mask, batch, g.device) | _empty(col_mask, batch, g.device)
-        upper[zero] = 0.0
+        job.upper[zero] = 0.0
         todo = ~zero
         start, work = v0, 0
-        if near_global > 0 and bool(todo.any()):
-            quick = lanczos_norm(op, col_mask, row_mask, v0, steps=quick_steps, work_dtype=work_dtype)
-            todo &= quick.sigma < (1 - near_global) * g
+        if settings.exact_near_global > 0 and bool(todo.any()):
+            quick = lanczos_norm(op, col_mask, row_mask, v0, steps=quick_steps, work_dtype=settings.work_dtype)
+            todo &= quick.sigma < (1 - settings.exact_near_global) * g
             start, work = quick.vector, int(quick.steps.max())
         entry = {"side": None, "proven": int(zero.sum()), "global_fallback": 0, "near_global": int((~todo & ~zero).sum())}
         idx = todo.nonzero().squeeze(1)
         if idx.numel():
-            work += _prove(op, col_mask, row_mask, start, idx, g, upper, deterministic, entry, max_iter, tol,
-                           work_dtype, max_entries, max_flops, fallback, l, layers)
+            work += _prove(job, start, idx, entry, settings)
+            if fallback is not None:
+                _fall_back(job, start, idx[~job.proven_at(idx)], entry, fallback, l, layers)
         layers.append(entry)
-        return LayerNorms(upper, work, torch.ones(batch, dtype=torch.bool, device=g.device), deterministic)
+        return LayerNorms(job.upper, work, torch.ones(batch, dtype=torch.bool, device=g.device), job.deterministic)
 
     return solve
 
 
-def _prove(op, col_mask, row_mask, start, idx, g, upper, deterministic, entry, max_iter, tol, work_dtype,
-           max_entries, max_flops, fallback, l, layers) -> int:
-    """Exact bounds (in place into ``upper``) of the samples ``idx``; the rest of the exact solver."""
+@dataclass
+class _ProofJob:
+    """One layer's batch in the exact solver: its masked operator and the bounds found so far."""
+
+    op: AffineLayer
+    col_mask: Optional[Tensor]
+    row_mask: Tensor
+    g: Tensor  # [B] the layer's guaranteed global norm
+    upper: Tensor  # [B] the bound used (starts at g)
+    deterministic: Tensor  # [B]
+    proven: Optional[Tensor] = None  # [B] a Cholesky proof succeeded
+
+    def pick(self, m: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
+        return None if m is None else (m if m.shape[0] == 1 else m[rows])
+
+    def proven_at(self, idx: Tensor) -> Tensor:
+        return self.proven[idx]
+
+
+def _prove(job: _ProofJob, start: Tensor, idx: Tensor, entry: dict, s) -> int:
+    """Exact bounds (in place into ``job.upper``) of the samples ``idx``: a converged estimate places the
+    Cholesky proof; unproven samples keep the global norm. Returns the estimate's work."""
     from .krylov import choose_side
     from .spectral import restarted_lanczos_norm
 
-    def pick(m, rows):
-        return None if m is None else (m if m.shape[0] == 1 else m[rows])
-
-    side = choose_side(op)
+    side = choose_side(job.op)
     entry["side"] = side
-    cm, rm = pick(col_mask, idx), pick(row_mask, idx)
-    est = restarted_lanczos_norm(op, cm, rm, start[idx], max_applications=max_iter, tol=tol, work_dtype=work_dtype)
-    bound, proven = exact_masked_norms(op, cm, rm, est.sigma.detach(), side, max_entries, max_flops)
-    gi = g[idx]
-    upper[idx] = torch.where(proven, torch.minimum(bound.to(g.dtype), gi), gi)
+    cm, rm = job.pick(job.col_mask, idx), job.pick(job.row_mask, idx)
+    est = restarted_lanczos_norm(job.op, cm, rm, start[idx], max_applications=s.max_iter, tol=s.tol,
+                                 work_dtype=s.work_dtype)
+    bound, proven = exact_masked_norms(job.op, cm, rm, est.sigma.detach(), side, s.exact_max_entries,
+                                       s.exact_max_flops)
+    gi = job.g[idx]
+    job.upper[idx] = torch.where(proven, torch.minimum(bound.to(job.g.dtype), gi), gi)
+    job.proven = torch.zeros_like(job.deterministic)
+    job.proven[idx] = proven
     entry["proven"] += int(proven.sum())
     entry["global_fallback"] += int((~proven).sum())
-    open_ = idx[~proven]
-    if fallback is not None and open_.numel():
-        before = len(layers)
-        prob = fallback(l, op, pick(col_mask, open_), pick(row_mask, open_), start[open_])
-        entry["probabilistic"] = layers[before:]  # what the fallback rests on
-        del layers[before:]
-        upper[open_] = prob.sigma
-        deterministic[open_] = prob.deterministic
-        entry["global_fallback"] -= int((~proven).sum()) - int((prob.sigma >= g[open_]).sum())
-        entry["probabilistic_fallback"] = int((~prob.deterministic).sum())
     return est.iterations
+
+
+def _fall_back(job: _ProofJob, start: Tensor, open_: Tensor, entry: dict, fallback, l: int, layers: list) -> None:
+    """The probabilistic bound (``fallback``) for the samples ``open_`` no proof covered."""
+    if not open_.numel():
+        return
+    before = len(layers)
+    prob = fallback(l, job.op, job.pick(job.col_mask, open_), job.pick(job.row_mask, open_), start[open_])
+    entry["probabilistic"] = layers[before:]  # what the fallback rests on
+    del layers[before:]
+    job.upper[open_] = prob.sigma
+    job.deterministic[open_] = prob.deterministic
+    entry["global_fallback"] -= int(open_.numel()) - int((prob.sigma >= job.g[open_]).sum())
+    entry["probabilistic_fallback"] = int((~prob.deterministic).sum())

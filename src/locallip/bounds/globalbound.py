@@ -5,12 +5,13 @@ The margin z_y - z_j then moves by at most eps * K * ||w_y - w_j|| on an eps-bal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .operators import AffineOp, network_layers
+from .layers import is_affine
+from .operators import network_layers
 from .krylov import lanczos_norm
 from .spectral import power_iteration_norm, restarted_lanczos_norm
 
@@ -28,61 +29,20 @@ class GlobalBound:
     guarantee: str  # GUARANTEED or ESTIMATE
     method: str
     vectors: Optional[list] = None  # top right singular vector per layer (warm starts), filled on demand
+    #: The weights it was computed from (every layer's ``weights_key``): it is valid for them only.
+    weights: Optional[tuple] = None
+
+    def check_model(self, model: nn.Module, input_shape: Optional[Sequence[int]] = None) -> None:
+        """Refuse a model (or later weights) other than the one this bound was computed from."""
+        ops, _ = network_layers(model, input_shape=input_shape)
+        if self.weights is None or self.weights != weights_of(ops):
+            raise ValueError("global_result was computed for other weights than this model's (another model, "
+                             "or weights changed since): compute global_bound(model) for this model")
 
 
-def _polyphase_kernel(w: Tensor, stride: Tuple[int, int], padding: Tuple[int, int]) -> Tensor:
-    """Kernel of the stride-1 convolution that a strided one is on its polyphase components.
-
-    Input pixel s*m + rho is pixel m of component rho, so tap a of a stride-s
-    conv reads component (a - p) mod s at offset floor((a - p) / s).
-    """
-    (sh, sw), (ph, pw) = stride, padding
-    co, ci, kh, kw = w.shape
-    qh = [(a - ph) // sh for a in range(kh)]
-    qw = [(a - pw) // sw for a in range(kw)]
-    out = w.new_zeros(co, ci * sh * sw, max(qh) - min(qh) + 1, max(qw) - min(qw) + 1)
-    for ah in range(kh):
-        for aw in range(kw):
-            rh, rw = (ah - ph) % sh, (aw - pw) % sw
-            out[:, rh * sw + rw::sh * sw, qh[ah] - min(qh), qw[aw] - min(qw)] = w[:, :, ah, aw]
-    return out
-
-
-def _conv_norm_upper(op: AffineOp) -> Tensor:
-    """Upper bound of a zero-padded, possibly strided convolution's spectral norm.
-
-    A stride-s conv is a stride-1 conv on the s*s polyphase components of its
-    input (a permutation, so norm-preserving). That conv is a restriction of a
-    circular convolution on a torus large enough that nothing wraps around
-    (zero-embedded input, subset of outputs), whose norm is the largest singular
-    value of the kernel's 2-D DFT over all frequencies.
-    """
-    w = op.weight.detach().double()
-    if op.norm is not None:
-        w = w / op.norm.std.double().view(1, -1, 1, 1)
-    _, h, wd = op.in_shape
-    (sh, sw) = op.layer.stride
-    k = _polyphase_kernel(w, op.layer.stride, op.layer.padding)
-    size = (-(-h // sh) + k.shape[2] + 1, -(-wd // sw) + k.shape[3] + 1)
-    spectrum = torch.fft.fft2(k, s=size)  # [co, ci*s*s, N, M]
-    return torch.linalg.matrix_norm(spectrum.permute(2, 3, 0, 1), ord=2).max()
-
-
-def _conv_norm(op: AffineOp) -> Tensor:
-    """The FFT bound, or the Cholesky proof on the explicit operator where it fits and is smaller."""
-    from .exact import proven_layer_norm
-
-    fft = _conv_norm_upper(op)
-    proof = proven_layer_norm(op)
-    return fft if proof is None else torch.minimum(fft, torch.tensor(proof, dtype=fft.dtype))
-
-
-def _dense_norm_exact(op: AffineOp) -> Tensor:
-    w = op.weight.detach().double()
-    if op.norm is not None:  # Normalize before Linear: scale every flattened input by 1/std of its channel
-        scale = (1.0 / op.norm.std.double()).expand(op.in_shape).reshape(1, -1)
-        w = w * scale
-    return torch.linalg.matrix_norm(w, ord=2)
+def weights_of(ops) -> tuple:
+    """The identity and version of every layer's weights (a bound computed from them is valid for them only)."""
+    return tuple(op.weights_key() for op in ops)
 
 
 # Backward-stable SVD/FFT errors are ~1e-13 relative in float64; 1e-9 covers them with room.
@@ -106,28 +66,27 @@ def global_bound(model: nn.Sequential, method: str = "guaranteed", iters: int = 
     ``input_shape`` attribute (a dense network's comes from its first layer).
     """
     if input_shape is None and not hasattr(model, "input_shape"):
-        first = next((m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))), None)
-        if isinstance(first, nn.Linear):
+        first = next((m for m in model if is_affine(m)), None)
+        if isinstance(getattr(first, "in_features", None), int):  # a dense first layer knows its input size
             input_shape = (first.in_features,)
     ops, _ = network_layers(model, input_shape=input_shape)
     hidden = ops[:-1]
     if method == "guaranteed":
         with torch.no_grad():
-            norms = [(_conv_norm(op) if isinstance(op.layer, nn.Conv2d)
-                      else _dense_norm_exact(op)) * (1 + _ROUNDING_SLACK) for op in hidden]
+            norms = [op.guaranteed_norm() * (1 + _ROUNDING_SLACK) for op in hidden]
             norms = torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64)
-        dtype = ops[0].weight.dtype
+        dtype = ops[0].dtype
         norms = norms.to(dtype) if dtype == torch.float64 else norms.to(dtype) * (1 + 1e-6)
-        return GlobalBound(norms, norms.prod(), GUARANTEED, method)
+        return GlobalBound(norms, norms.prod(), GUARANTEED, method, weights=weights_of(ops))
     if method not in ("power", "krylov"):
         raise ValueError(f"unknown global bound method {method!r}; use 'power', 'krylov' or 'guaranteed'")
     vectors = model.power_vectors() if hasattr(model, "power_vectors") else None
     norms = []
     for i, op in enumerate(hidden):
         if vectors is not None:
-            v0 = vectors[i].view(1, *op.in_shape).to(op.weight.dtype)
+            v0 = vectors[i].view(1, *op.in_shape).to(op.dtype)
         else:
-            v0 = torch.randn((1,) + op.in_shape, dtype=op.weight.dtype, device=op.weight.device)
+            v0 = torch.randn((1,) + op.in_shape, dtype=op.dtype, device=op.device)
         if method == "krylov":
             res = lanczos_norm(op, None, None, v0, steps=iters)
         else:
@@ -135,8 +94,8 @@ def global_bound(model: nn.Sequential, method: str = "guaranteed", iters: int = 
         if update and vectors is not None:
             vectors[i].copy_(res.vector.reshape(-1))
         norms.append(res.sigma[0])
-    norms = torch.stack(norms) if norms else ops[0].weight.new_zeros(0)
-    return GlobalBound(norms, norms.prod(), ESTIMATE, method)
+    norms = torch.stack(norms) if norms else torch.zeros(0, dtype=ops[0].dtype, device=ops[0].device)
+    return GlobalBound(norms, norms.prod(), ESTIMATE, method, weights=weights_of(ops))
 
 
 def top_singular_vectors(model: nn.Module, input_shape: Sequence[int], *, tol: float = 1e-3,
@@ -152,7 +111,7 @@ def top_singular_vectors(model: nn.Module, input_shape: Sequence[int], *, tol: f
     out = []
     with torch.no_grad():
         for op in ops[:-1]:
-            v0 = torch.randn((1,) + tuple(op.in_shape), generator=gen, dtype=op.weight.dtype).to(op.weight.device)
+            v0 = torch.randn((1,) + tuple(op.in_shape), generator=gen, dtype=op.dtype).to(op.device)
             res = restarted_lanczos_norm(op, None, None, v0, max_applications=max_applications, tol=tol)
             out.append(res.vector.reshape(-1))
     return out

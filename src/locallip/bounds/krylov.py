@@ -32,7 +32,8 @@ from typing import List, Optional
 
 import torch
 
-from .operators import AffineOp, _batch_norm, _in_dtype, _masked_linear, _masked_transpose, _normalize
+from .layers.base import AffineLayer
+from .masked import _batch_norm, _in_dtype, _masked_linear, _masked_transpose, _normalize
 from .solvers import LayerNorms
 
 Tensor = torch.Tensor
@@ -117,14 +118,14 @@ def _top_eigenpairs(alpha: Tensor, beta: Tensor):
 SMALL_TRIDIAGONAL = 32
 
 
-def choose_side(op: AffineOp) -> str:
+def choose_side(op: AffineLayer) -> str:
     """Iterate on the smaller of A^T A (input space) and A A^T (output space)."""
     n_in = math.prod(op.in_shape)
     n_out = math.prod(op.out_shape)
     return "output" if n_out < n_in else "input"
 
 
-def lanczos_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Optional[Tensor], start: Tensor, *,
+def lanczos_norm(op: AffineLayer, col_mask: Optional[Tensor], row_mask: Optional[Tensor], start: Tensor, *,
                  steps: int, side: str = "input", work_dtype: Optional[torch.dtype] = None) -> KrylovResult:
     """``steps`` steps of plain Lanczos with full reorthogonalisation on the Gram matrix of one side.
 
@@ -160,7 +161,7 @@ def lanczos_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Optional[Te
         m = int(taken.max())
         ritz_value, s_top = _top_eigenpairs(alpha[:, :m], beta[:, :max(m - 1, 0)])
         y = torch.bmm(s_top[:, None, :m].to(q.dtype), basis[:, :m]).squeeze(1) if m else torch.zeros_like(q)
-    y = _normalize(y.view(batch, *shape).to(full_op.weight.dtype))
+    y = _normalize(y.view(batch, *shape).to(full_op.dtype))
     if side == "input":
         sigma = _batch_norm(_masked_linear(full_op, y, full_col, full_row))
     else:
@@ -169,7 +170,7 @@ def lanczos_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Optional[Te
     return KrylovResult(sigma, y, ritz_value, dims, taken, side)
 
 
-def _gram_of_side(op: AffineOp, side: str, col_mask: Optional[Tensor], row_mask: Optional[Tensor], shape):
+def _gram_of_side(op: AffineLayer, side: str, col_mask: Optional[Tensor], row_mask: Optional[Tensor], shape):
     """q -> B q (flattened) for B = A^T A (side "input") or A A^T (side "output")."""
     def gram(q: Tensor) -> Tensor:
         # q is already zero outside the side's mask (the start is masked and every step ends

@@ -7,17 +7,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .localbound import LocalBound, _as_batch_eps
-from .operators import network_layers
+from .clean import clean_pass
+from .layers import affine_layer, is_affine
+from .localbound import LocalBound
+from .settings import as_batch_radius
 
 Tensor = torch.Tensor
 
 
-def _last_layer(model: nn.Sequential) -> nn.Linear:
-    layers = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
-    if not layers or not isinstance(layers[-1], nn.Linear):
+def logit_weights(model: nn.Sequential):
+    """(W [C, d], b [C]) of the layer giving the logits from the flattened penultimate features."""
+    layers = [m for m in model if is_affine(m)]
+    weight = getattr(layers[-1], "weight", None) if layers else None
+    if weight is None or weight.dim() != 2:
         raise ValueError("the model must end with a Linear layer giving the logits")
-    return layers[-1]
+    op = affine_layer(layers[-1], (weight.shape[1],))
+    if not op.gives_logits:
+        raise ValueError("the model must end with a Linear layer giving the logits")
+    return op.logit_weights()
 
 
 def margin_lower_bounds(weight: Tensor, bias: Optional[Tensor], features: Tensor, radius: Tensor,
@@ -78,8 +85,8 @@ def margin_lower_bounds(weight: Tensor, bias: Optional[Tensor], features: Tensor
 
 def local_margins(model: nn.Sequential, lb: LocalBound, y: Tensor, mode: str = "ball_box") -> Tensor:
     """Margin lower bounds [B, C] for labels y from a ``LocalBound``."""
-    last = _last_layer(model)
-    return margin_lower_bounds(last.weight, last.bias, lb.features, lb.radius, y,
+    weight, bias = logit_weights(model)
+    return margin_lower_bounds(weight, bias, lb.features, lb.feature_radius, y,
                                feature_mask=lb.feature_mask, lower=lb.feature_lower, upper=lb.feature_upper,
                                mode=mode)
 
@@ -87,9 +94,9 @@ def local_margins(model: nn.Sequential, lb: LocalBound, y: Tensor, mode: str = "
 def global_margins(model: nn.Sequential, logits: Tensor, features: Tensor, y: Tensor,
                    lipschitz: Tensor, eps: Union[float, Tensor]) -> Tensor:
     """GloRo margins z_y - z_j - eps K ||w_y - w_j|| [B, C] (0 in column y)."""
-    last = _last_layer(model)
-    eps_b = _as_batch_eps(eps, features)
-    return margin_lower_bounds(last.weight, last.bias, features, eps_b * lipschitz, y, mode="ball")
+    weight, bias = logit_weights(model)
+    eps_b = as_batch_radius(eps, features)
+    return margin_lower_bounds(weight, bias, features, eps_b * lipschitz, y, mode="ball")
 
 
 def worst_case_logits(logits: Tensor, margins: Tensor, y: Tensor) -> Tensor:
@@ -111,9 +118,5 @@ def worst_margin(margins: Tensor, y: Tensor) -> Tensor:
 
 
 def penultimate(model: nn.Sequential, x: Tensor) -> Tensor:
-    """Clean penultimate features h_{L-1} (flattened) of x."""
-    ops, acts = network_layers(model, input_shape=tuple(x.shape[1:]))
-    h = x
-    for op, act in zip(ops[:-1], acts):
-        h = act(op.forward(h))
-    return h.flatten(1)
+    """Clean penultimate features h_{L-1} (flattened) of x (``clean_pass``'s)."""
+    return clean_pass(model, x).features

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .operators import AffineOp
+from .layers.base import AffineLayer
 
 Tensor = torch.Tensor
 
@@ -22,4 +22,4 @@ class LayerNorms:
 
 
 #: ``solve(l, op, col_mask, row_mask, v0) -> LayerNorms`` for hidden layer l.
-Solver = Callable[[int, AffineOp, Optional[Tensor], Tensor, Tensor], LayerNorms]
+Solver = Callable[[int, AffineLayer, Optional[Tensor], Tensor, Tensor], LayerNorms]

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from .operators import AffineOp, _batch_norm, _in_dtype, _masked_linear, _masked_transpose, _normalize
+from .layers.base import AffineLayer
+from .masked import _batch_norm, _in_dtype, _masked_linear, _masked_transpose, _normalize
 
 Tensor = torch.Tensor
 
@@ -25,7 +26,7 @@ class NormEstimate:
     converged: Tensor  # [B] bool
 
 
-def power_iteration_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Optional[Tensor],
+def power_iteration_norm(op: AffineLayer, col_mask: Optional[Tensor], row_mask: Optional[Tensor],
                          v0: Tensor, *, iterations: int, tol: float = 0.0,
                          work_dtype: Optional[torch.dtype] = None) -> NormEstimate:
     """Spectral norm of ``A_b = diag(row_mask_b) W diag(col_mask_b)`` for every sample b.
@@ -77,12 +78,12 @@ def power_iteration_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Opt
             converged[:] = True
     # Re-normalise in the model's dtype: a float32 unit vector is not unit in float64, and
     # ||A v|| with ||v|| slightly > 1 could exceed ||A||.
-    v = _normalize(v.detach().to(full_op.weight.dtype))
+    v = _normalize(v.detach().to(full_op.dtype))
     sigma = _batch_norm(_masked_linear(full_op, v, full_col, full_row))
     return NormEstimate(sigma, v, iters, converged)
 
 
-def restarted_lanczos_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: Optional[Tensor],
+def restarted_lanczos_norm(op: AffineLayer, col_mask: Optional[Tensor], row_mask: Optional[Tensor],
                            v0: Tensor, *, max_applications: int, tol: float, krylov: int = 16, keep: int = 4,
                            check_every: int = 4, work_dtype: Optional[torch.dtype] = None) -> NormEstimate:
     """Same quantity as ``power_iteration_norm``, by thick-restarted Lanczos on A^T A (batched).
@@ -148,7 +149,7 @@ def restarted_lanczos_norm(op: AffineOp, col_mask: Optional[Tensor], row_mask: O
             kept_vals = cyc.evals[restart][:, -top:]
             nxt = cyc.w[restart] / cyc.safe[restart].unsqueeze(1)
         _verify_converged(op, col_mask, row_mask, v, converged, tol)
-    v = _normalize(v.view(batch, *op.in_shape).to(full_op.weight.dtype))
+    v = _normalize(v.view(batch, *op.in_shape).to(full_op.dtype))
     sigma = _batch_norm(_masked_linear(full_op, v, full_col, full_row))
     return NormEstimate(sigma, v, used, converged)
 
@@ -157,7 +158,7 @@ def _pick(mask: Optional[Tensor], idx: Tensor) -> Optional[Tensor]:
     return None if mask is None else (mask if mask.shape[0] == 1 else mask[idx])
 
 
-def _gram(op: AffineOp, v: Tensor, cm: Optional[Tensor], rm: Optional[Tensor]) -> Tensor:
+def _gram(op: AffineLayer, v: Tensor, cm: Optional[Tensor], rm: Optional[Tensor]) -> Tensor:
     """A^T A v for flattened v."""
     return _masked_transpose(op, _masked_linear(op, v.view(v.shape[0], *op.in_shape), cm, rm), cm).flatten(1)
 
@@ -175,7 +176,7 @@ class _Cycle:
     applications: int
 
 
-def _lanczos_cycle(op: AffineOp, cm, rm, basis: Tensor, kept_vecs, kept_vals, nxt: Tensor, tol: float,
+def _lanczos_cycle(op: AffineLayer, cm, rm, basis: Tensor, kept_vecs, kept_vals, nxt: Tensor, tol: float,
                    check_every: int) -> _Cycle:
     """One cycle of thick-restarted Lanczos for the active samples (see ``restarted_lanczos_norm``)."""
     n_act, steps = basis.shape[0], basis.shape[1]
@@ -237,7 +238,7 @@ def _reorthogonalise(w: Tensor, Q: Tensor):
     return w, coef
 
 
-def _verify_converged(op: AffineOp, col_mask, row_mask, v: Tensor, converged: Tensor, tol: float) -> None:
+def _verify_converged(op: AffineLayer, col_mask, row_mask, v: Tensor, converged: Tensor, tol: float) -> None:
     """Recheck "converged" from the explicit residual of the final pair (in place).
 
     The Krylov relation can be optimistic under rounding, so the claim is checked, up to

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .steps import running_order
+
+#: The running steps the sentences below already describe.
+_DESCRIBED = ("box", "exact")
+
 
 def local_guarantee(level: str, *, tol: float = 1e-4, max_iter: int = 2000, method: str = "lanczos",
                     delta: float = 1e-9, info: Optional[dict] = None) -> str:
@@ -35,8 +40,11 @@ def cascade_guarantee(level: str, *, delta: float = 1e-9, tol: float = 1e-4, max
     """One sentence on what a cascade certificate whose weakest allowed step is ``level`` promises."""
     steps = ("the global (GloRo) margins, then the boxes of the local bound built on the guaranteed global "
              "layer norms (IBP ∩ ball through every layer, ball ∩ box last layer)")
+    # Steps registered beyond the built-in ones run after them: each adds its clause.
+    later = "".join(f", then {s.promise}" for s in running_order() if s.name not in _DESCRIBED)
     if not masked:
-        return f"sound and deterministic: each point is certified by {steps}; masked layer norms are not used"
+        return (f"sound and deterministic: each point is certified by {steps}{later}; masked layer norms are "
+                f"not used")
     if level == "estimate":
         return (f"estimate, not a guarantee, for the points certified by the masked step: {steps} are "
                 f"deterministic; the masked layer norms of the remaining points are thick-restarted Lanczos "
@@ -45,6 +53,6 @@ def cascade_guarantee(level: str, *, delta: float = 1e-9, tol: float = 1e-4, max
                    + (f", or where a layer is over the proof's budget, bounded by inflated Lanczos from a "
                       f"random start (P(false) <= {delta:g} per point, union bound over the layers)"
                       if level == "probabilistic" else ", or the layer's guaranteed global norm"))
-    return (f"sound: each point is certified by the first step that decides it: {steps}, then {masked_text}. "
+    return (f"sound: each point is certified by the first step that decides it: {steps}, then {masked_text}{later}. "
             f"Points that fail even with masked norms estimated from below are not tried further (no sound "
             f"bound can certify them). Every certificate is deterministic except those marked probabilistic")

@@ -2,32 +2,39 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from ..bounds import GlobalBound, global_bound, global_margins
-from ..bounds.localbound import CleanPass, clean_pass
-from .cascade import SCREEN_STEPS, certify, screen_worst_margin, warm_starts
+from ..bounds import GlobalBound, global_bound, global_margins, logit_weights, margin_lower_bounds
+from ..bounds.clean import CleanPass, clean_pass
+from ..bounds.settings import settings_from
+from .cascade import certify, screen_worst_margin, warm_starts
+from .settings import CascadeSettings
 
 Tensor = torch.Tensor
 #: fn(indices, radii) -> worst-case margins of those points at those radii (> 0: certified)
 MarginAt = Callable[[Tensor, Tensor], Tensor]
 
 
-def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *, guarantee: str = "probabilistic",
-                     max_radius: float = 10.0, rtol: float = 0.02, max_steps: int = 20,
-                     generator: Optional[torch.Generator] = None, cascade: bool = True, **kw) -> Tensor:
+def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
+                     settings: Optional[CascadeSettings] = None, *, max_radius: float = 10.0, rtol: float = 0.02,
+                     max_steps: int = 20, generator: Optional[torch.Generator] = None,
+                     global_result: Optional[GlobalBound] = None, clean: Optional[CleanPass] = None,
+                     **options) -> Tensor:
     """[B] the largest radius at which each point is certified (0 where it is not certified at all).
 
-    A root search on the worst-case margin w(r) of the local certificate at ``guarantee``
+    A root search on the worst-case margin w(r) of the local certificate (``settings``: a
+    ``CascadeSettings`` or keyword overrides of its fields, as ``certify`` takes them)
     (decreasing in r): regula falsi with the Illinois modification, keeping a bracket
     [lo, hi] with w(lo) > 0 (certified) and w(hi) <= 0, until hi - lo <= rtol * hi; it needs
     a few evaluations per point where bisection needs many. The masks depend on the
     radius, so certification need not be exactly monotone in it: the result is a radius
     at which the point *was* certified. With ``y``, misclassified points get 0; points
-    certified at ``max_radius`` get it. ``kw`` goes to ``certify``.
+    certified at ``max_radius`` get it. ``global_result`` and ``clean`` (x's clean pass) reuse
+    what the caller already has.
 
     With the cascade (default) the search runs on the deterministic global and box steps
     first (a few forward passes per evaluation). Then each point is tried with the screen
@@ -38,16 +45,12 @@ def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
     certifies just below it (or searches below, where it does not).
     ``cascade=False`` searches with one level for every point at every evaluation.
     """
-    if not (isinstance(max_radius, (int, float)) and math.isfinite(max_radius) and max_radius > 0):
-        raise ValueError(f"max_radius must be a finite number > 0, got {max_radius!r}")
-    if not 0 < rtol < 1:
-        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    s = settings_from(settings, CascadeSettings, options)
+    _check_search(x, max_radius, rtol)
     n = x.shape[0]
-    if n == 0:
-        raise ValueError("x is an empty batch (0 samples)")
     with torch.no_grad():
         model.eval()
-        clean = clean_pass(model, x)  # the same points at every radius: one clean forward pass
+        clean = clean or clean_pass(model, x)  # the same points at every radius: one clean forward pass
     logits = clean.logits
     pred = logits.argmax(dim=1)
     labels = pred if y is None else y
@@ -59,39 +62,48 @@ def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
     hi = torch.full((n,), float(max_radius), dtype=torch.float64)
     w_hi = torch.full((n,), float("nan"), dtype=torch.float64)  # NaN: not evaluated yet
     open_ = ((pred == labels) & (w_lo > 0)).cpu()
-    g = kw.get("global_result")
+    g = global_result
     if g is None:  # once for every evaluation of the search, not once per evaluation
-        g = kw["global_result"] = global_bound(model, method="guaranteed", input_shape=tuple(x.shape[1:]))
-    if cascade:
+        g = global_bound(model, method="guaranteed", input_shape=tuple(x.shape[1:]))
+    else:
+        g.check_model(model, tuple(x.shape[1:]))
+    if s.cascade:
         # Every step certifies at least what the global bound does: 1.25x its closed-form radius is
         # the first upper end tried (raised while it still certifies, up to max_radius).
-        r_glob = global_certified_radius(model, x, labels, g.lipschitz).double().cpu()
+        r_glob = global_certified_radius(model, x, labels, g.lipschitz, clean=clean).double().cpu()
         guess = (r_glob > 0) & open_
         hi[guess] = torch.minimum(r_glob[guess] * 1.25, hi[guess])
 
     def margin_at(**extra) -> MarginAt:
-        settings = dict(kw, guarantee=guarantee, generator=generator)
-        settings.update(extra)
+        at = replace(s, **extra)
 
         def fn(idx: Tensor, radii: Tensor) -> Tensor:
             rows = idx.to(x.device)
-            c = certify(model, x[rows], labels[rows], radii.to(x.dtype).to(x.device), "local",
-                        clean=clean.select(rows), **settings)
+            c = certify(model, x[rows], labels[rows], radii.to(x.dtype).to(x.device), "local", at,
+                        generator=generator, global_result=g, clean=clean.select(rows))
             return torch.where(c.correct, c.worst_margin, torch.full_like(c.worst_margin, -1.0)).double().cpu()
         return fn
 
-    if not cascade:
-        _regula_falsi(margin_at(cascade=False), lo, w_lo, hi, w_hi, open_, rtol, max_steps)
+    if not s.cascade:
+        _regula_falsi(margin_at(), lo, w_lo, hi, w_hi, open_, rtol, max_steps)
     else:
         _regula_falsi(margin_at(masked=False), lo, w_lo, hi, w_hi, open_, rtol, max_steps, top=float(max_radius))
-        if kw.get("masked", True) and guarantee != "estimate":
-            screen = _screen_at(model, x, pred, labels, clean, g, steps=kw.get("screen_steps", SCREEN_STEPS),
-                                work_dtype=kw.get("work_dtype", torch.float32),
-                                last_layer=kw.get("last_layer", "ball_box"))
+        if s.masked and s.level != "estimate":
+            screen = _screen_at(model, x, pred, labels, clean, g, steps=s.screen_steps, work_dtype=s.work_dtype,
+                                last_layer=s.last_layer)
             _extend_with_masked_norms(screen, margin_at(), lo, w_lo, hi, w_hi, float(max_radius), rtol, max_steps)
-        elif kw.get("masked", True):
+        elif s.masked:
             _extend_with_masked_norms(None, margin_at(), lo, w_lo, hi, w_hi, float(max_radius), rtol, max_steps)
     return torch.where((pred == labels).cpu(), lo, torch.zeros_like(lo))
+
+
+def _check_search(x: Tensor, max_radius, rtol) -> None:
+    if not (isinstance(max_radius, (int, float)) and math.isfinite(max_radius) and max_radius > 0):
+        raise ValueError(f"max_radius must be a finite number > 0, got {max_radius!r}")
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (0 samples)")
 
 
 def _screen_at(model: nn.Module, x: Tensor, pred: Tensor, labels: Tensor, clean: CleanPass, g: GlobalBound,
@@ -206,17 +218,19 @@ def _regula_falsi(fn: MarginAt, lo: Tensor, w_lo: Tensor, hi: Tensor, w_hi: Tens
         side[up], side[down] = 1, -1
 
 
-def global_certified_radius(model: nn.Module, x: Tensor, y: Tensor, lipschitz: Tensor) -> Tensor:
-    """[B] closed-form radius of the global certificate: min_j (z_y - z_j) / (K ||w_y - w_j||), 0 if wrong."""
-    from ..bounds import margin_lower_bounds, penultimate
+def global_certified_radius(model: nn.Module, x: Tensor, y: Tensor, lipschitz: Tensor,
+                            clean: Optional[CleanPass] = None) -> Tensor:
+    """[B] closed-form radius of the global certificate: min_j (z_y - z_j) / (K ||w_y - w_j||), 0 if wrong.
 
-    last = [m for m in model if isinstance(m, nn.Linear)][-1]
+    ``clean`` is x's clean pass when the caller has it (no forward pass then)."""
+    weight, bias = logit_weights(model)
     with torch.no_grad():
-        logits = model(x)
+        clean = clean or clean_pass(model, x)
+        logits = clean.logits
         pred = logits.argmax(1)
-        margins = margin_lower_bounds(last.weight, last.bias, penultimate(model, x), torch.zeros_like(logits[:, 0]),
+        margins = margin_lower_bounds(weight, bias, clean.features, torch.zeros_like(logits[:, 0]),
                                       pred, mode="ball")  # clean margins
-        c = last.weight[pred][:, None, :] - last.weight[None, :, :]
+        c = weight[pred][:, None, :] - weight[None, :, :]
         slope = lipschitz * c.norm(dim=-1)
         ratio = torch.where(slope > 0, margins / slope.clamp_min(torch.finfo(slope.dtype).tiny),
                             torch.full_like(margins, float("inf")))

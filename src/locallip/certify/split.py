@@ -22,8 +22,11 @@ from ..bounds import GUARANTEED, GlobalBound, global_bound
 from ..distributed import Group, choose_device, shard
 from ..foundation.files import csv_text, write_json, write_text
 from ..foundation.layout import audit_failure
+from ..bounds.clean import clean_pass
 from .cascade import CERTIFYING_STEPS, STEPS, Certificate, certify
 from .radius import certified_radius, global_certified_radius
+from .settings import CascadeSettings, from_config
+from .steps import step_named
 from .summary import split_summary
 
 Tensor = torch.Tensor
@@ -65,11 +68,9 @@ def batches(n: int, batch_size: int, seed: int, group: Optional[Group] = None) -
         yield starts[i], torch.Generator().manual_seed(seed * 1_000_003 + starts[i])
 
 
-def level_settings(cfg, level: str) -> dict:
-    """``certify`` keyword arguments of the local certificate at ``level`` (cfg: CertifySettings)."""
-    return {"guarantee": level, "cascade": bool(cfg.cascade), "masked": bool(cfg.masked_norms),
-            "screen_steps": cfg.screen_steps, "delta": cfg.delta, "inflation": cfg.inflation, "steps": cfg.steps,
-            "max_iter": cfg.max_iter, "tol": cfg.tol, "last_layer": str(cfg.last_layer), "method": str(cfg.method)}
+def level_settings(cfg, level: str) -> CascadeSettings:
+    """The ``CascadeSettings`` of the local certificate at ``level`` (cfg: the certify configuration)."""
+    return from_config(cfg, level)
 
 
 def prepare(model: nn.Module, x: Tensor, cfg) -> Tuple[nn.Module, GlobalBound, torch.device, torch.dtype]:
@@ -104,8 +105,8 @@ def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, pr
         certs: Dict[str, Certificate] = {}
         for lv in levels:
             t1 = time.perf_counter()
-            certs[lv] = certify(model, xb, yb, radius, "local", generator=gen, global_result=g,
-                                **level_settings(cfg, lv))
+            certs[lv] = certify(model, xb, yb, radius, "local", level_settings(cfg, lv), generator=gen,
+                                global_result=g)
             part["timing"][lv] += time.perf_counter() - t1
             part["infos"][lv].append(certs[lv].info)
         attack_margin = _audit(model, xb, radius, glo, certs, cfg.attack, gen, part)
@@ -150,8 +151,8 @@ def _guarantee_of(c: Certificate, i: int) -> str:
     """What point i's certificate rests on: exact (deterministic), probabilistic, estimate or none."""
     if not bool(c.certified[i]):
         return "none"
-    step = STEPS[int(c.step[i])]
-    return "exact" if bool(c.deterministic[i]) else ("estimate" if step == "estimate" else "probabilistic")
+    guarantee = step_named(STEPS[int(c.step[i])]).guarantee
+    return "exact" if bool(c.deterministic[i]) else guarantee
 
 
 def _rows(start: int, yb: Tensor, glo: Certificate, certs: Dict[str, Certificate], levels: List[str],
@@ -185,9 +186,7 @@ def radii_split(model: nn.Module, x: Tensor, y: Tensor, cfg, max_radius: float, 
 
     group = group or Group()
     model, g, device, dtype = prepare(model, x, cfg)
-    kw = level_settings(cfg, str(cfg.guarantee))
-    guarantee = kw.pop("guarantee")
-    cascade = kw.pop("cascade")
+    settings = level_settings(cfg, str(cfg.guarantee))
     rows = []
     size = batch_size or cfg.batch_size
     todo = list(batches(x.shape[0], size, cfg.seed, group))
@@ -195,10 +194,11 @@ def radii_split(model: nn.Module, x: Tensor, y: Tensor, cfg, max_radius: float, 
         xb = x[start:start + size].to(device=device, dtype=dtype)
         yb = y[start:start + size].to(device)
         with torch.no_grad():
-            pred = model(xb).argmax(1)
-            r_glob = global_certified_radius(model, xb, yb, g.lipschitz).cpu()
-            r_loc = certified_radius(model, xb, yb, guarantee=guarantee, max_radius=max_radius, rtol=rtol,
-                                     generator=gen, cascade=cascade, global_result=g, **kw)
+            clean = clean_pass(model.eval(), xb)  # one clean forward pass for both radii
+            pred = clean.logits.argmax(1)
+            r_glob = global_certified_radius(model, xb, yb, g.lipschitz, clean=clean).cpu()
+            r_loc = certified_radius(model, xb, yb, settings, max_radius=max_radius, rtol=rtol, generator=gen,
+                                     global_result=g, clean=clean)
         for i in range(xb.shape[0]):
             rows.append({"index": start + i, "label": int(yb[i]), "prediction": int(pred[i]),
                          "certified_radius_local": float(r_loc[i]), "certified_radius_global": float(r_glob[i])})

@@ -6,8 +6,8 @@ from typing import Dict, List
 import torch
 
 from ..bounds import GUARANTEED
-from .cascade import CERTIFYING_STEPS, DETERMINISTIC_STEPS
 from .guarantees import cascade_guarantee, local_guarantee
+from .steps import certifying_steps
 
 MASKED_STEPS = ("exact", "probabilistic", "estimate")
 
@@ -53,9 +53,11 @@ def level_summary(level: str, headline: bool, rows: List[dict], infos: List[dict
     """One level's accuracy, its steps, its guarantee and what the guarantee rests on."""
     n = len(rows)
     cert_key, step_key = ("certified_local", "step_local") if headline else (f"certified_{level}", f"step_{level}")
-    steps = {s: sum(1 for r in rows if r[cert_key] and r[step_key] == s) for s in CERTIFYING_STEPS}
+    steps = {s.name: sum(1 for r in rows if r[cert_key] and r[step_key] == s.name) for s in certifying_steps()}
+    by_guarantee = {g: sum(steps[s.name] for s in certifying_steps() if s.guarantee == g)
+                    for g in ("deterministic", "probabilistic", "estimate")}
     certified = sum(steps.values())
-    deterministic = sum(steps[s] for s in DETERMINISTIC_STEPS)
+    deterministic = by_guarantee["deterministic"]
     delta = float(cfg.delta)
     if cfg.cascade:
         text = cascade_guarantee(level, delta=delta, tol=cfg.tol, max_iter=cfg.max_iter, masked=bool(cfg.masked_norms))
@@ -68,7 +70,7 @@ def level_summary(level: str, headline: bool, rows: List[dict], infos: List[dict
         "guarantee": text,
         "cascade": bool(cfg.cascade),
         "steps": {"certified_by_step": steps, "certified": certified, "deterministic": deterministic,
-                  "probabilistic": steps["probabilistic"], "estimate": steps["estimate"],
+                  "probabilistic": by_guarantee["probabilistic"], "estimate": by_guarantee["estimate"],
                   "deterministic_share": deterministic / certified if certified else None,
                   "delta_per_probabilistic_point": delta if steps["probabilistic"] else None,
                   "excluded_by_screen": sum(1 for r in rows if r[step_key] == "excluded"),
@@ -76,7 +78,7 @@ def level_summary(level: str, headline: bool, rows: List[dict], infos: List[dict
         "time_s": time_s, "samples_per_s": n / max(time_s, 1e-9), "broken": broken,
     }
     # Only probabilistic certificates can be false (with probability <= delta each).
-    out.update(level_details(level, infos, delta, steps["probabilistic"] if cfg.cascade else n))
+    out.update(level_details(level, infos, delta, by_guarantee["probabilistic"] if cfg.cascade else n))
     return out
 
 

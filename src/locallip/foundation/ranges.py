@@ -12,19 +12,12 @@ import re
 from dataclasses import fields, is_dataclass
 from typing import Any, Callable, Dict, Sequence
 
+from .radius import check_radius, is_number
 from .schema import (CalibrateConfig, CertifyConfig, CertifySettings, CertifyStage, Config, ConfigError, CurveConfig,
                      DatasetConfig, ExternalModel, ModelConfig, RadiiStage, TrainConfig, TrainStage)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_radius(value: Any, what: str = "radius") -> float:
-    """A radius is a finite number >= 0; returns it as a float."""
-    if not (_is_number(value) and math.isfinite(value) and value >= 0):
-        raise ConfigError(f"{what} must be a finite number >= 0, got {value!r}")
-    return float(value)
+_is_number = is_number
 
 
 def radius_tag(r: float) -> str:

@@ -18,8 +18,7 @@ from .choices import (Activation, Arch, Bound, Choice, DatasetName, Device, DTyp
                       LastLayer, NormSolver, Loss, MaskedNorms, Method, Ramp)  # (re-exported: the schema's types)
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
+from .radius import ConfigError  # noqa: E402,F401  (defined torch- and omegaconf-free; re-exported here)
 
 
 # --------------------------------------------------------------------------- schema

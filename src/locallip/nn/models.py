@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .activations import make_activation
+from .activations import LipschitzActivation, make_activation
 from ..foundation.catalog import ARCHITECTURES
 
 class Normalize(nn.Module):
@@ -38,14 +38,15 @@ class LipschitzNet(nn.Sequential):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
         self.spec = dict(spec or {})
-        # Right-singular-vector estimates of every Conv2d/Linear, warm-started across training
-        # steps by the global bound's power iteration. Buffers: saved in checkpoints, no gradient.
+        # Right-singular-vector estimates of every affine layer (a layer the bounds see as one
+        # operator: Conv2d, Linear, a residual block, ...), warm-started across training steps by
+        # the global bound's power iteration. Buffers: saved in checkpoints, no gradient.
         gen = torch.Generator().manual_seed(0)
         h = torch.zeros(1, *self.input_shape)
         index = 0
         with torch.no_grad():
             for m in self:
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                if is_affine_module(m):
                     v = torch.randn(h[0].numel(), generator=gen)
                     self.register_buffer(f"power_vector_{index}", v / v.norm())
                     index += 1
@@ -56,7 +57,14 @@ class LipschitzNet(nn.Sequential):
         return [getattr(self, f"power_vector_{i}") for i in range(len(self.affine_layers()))]
 
     def affine_layers(self) -> List[nn.Module]:
-        return [m for m in self if isinstance(m, (nn.Conv2d, nn.Linear))]
+        return [m for m in self if is_affine_module(m)]
+
+
+def is_affine_module(m: nn.Module) -> bool:
+    """Whether the bounds see a top-level module as an affine operator: everything in a network but
+    its activations and the shape-only modules (``Flatten``, a leading ``Normalize``, which the bounds
+    fold into the next layer). ``bounds.layers`` registers how each such module is bounded."""
+    return not isinstance(m, (LipschitzActivation, nn.ReLU, nn.Flatten, Normalize))
 
 
 def build_model(arch: str, activation: str = "clipped_relu", input_shape: Sequence[int] = (1, 28, 28),

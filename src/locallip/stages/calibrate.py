@@ -25,7 +25,8 @@ from ..foundation.files import file_digest, stage_lock, write_json
 
 
 def threshold_layers(model: nn.Module) -> List[nn.Module]:
-    return [m for m in model if getattr(m, "has_thresholds", False)]
+    """Every activation with clipping thresholds, nested ones (inside a block) included, in order."""
+    return [m for m in model.modules() if getattr(m, "has_thresholds", False)]
 
 
 def _set_scales(model: nn.Module, base: List[Dict[str, torch.Tensor]], scales: List[float]) -> None:

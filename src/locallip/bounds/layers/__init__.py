@@ -1,0 +1,36 @@
+"""The layer protocol (``base``), the layer types the bounds understand, and their one registry.
+
+Registered here: ``Linear`` (``dense``), ``Conv2d`` (``conv``), the activations of
+``locallip.nn.activations`` and ``torch.nn.ReLU`` (``activation``), and ``Normalize`` / ``Flatten``
+(folded into the next affine layer). A new layer type registers itself the same way
+(docs/extending.md).
+"""
+from torch import nn
+
+from ...nn.activations import ClippedMaxMin, ClippedReLU, LipschitzActivation, MaxMin, ReLU
+from ...nn.models import Normalize
+from .activation import TorchReLUBounds, itself
+from .base import ActivationBounds, AffineLayer
+from .conv import ConvLayer
+from .dense import DenseLayer
+from .registry import (LayerType, affine_layer, is_activation, is_affine, layer_type, layer_type_named, network_layers,
+                       register_layer, registered_names)
+
+for _kind in (
+    LayerType("conv2d", nn.Conv2d, "affine", ConvLayer),
+    LayerType("linear", nn.Linear, "affine", DenseLayer),
+    LayerType("flatten", nn.Flatten, "flatten"),
+    LayerType("normalize", Normalize, "normalize"),
+    LayerType("relu", ReLU, "activation", itself),
+    LayerType("torch_relu", nn.ReLU, "activation", TorchReLUBounds),
+    LayerType("clipped_relu", ClippedReLU, "activation", itself),
+    LayerType("maxmin", MaxMin, "activation", itself),
+    LayerType("clipped_maxmin", ClippedMaxMin, "activation", itself),
+    # Any other 1-Lipschitz activation of locallip's base class answers for itself too.
+    LayerType("lipschitz_activation", LipschitzActivation, "activation", itself),
+):
+    register_layer(_kind)
+
+__all__ = ["ActivationBounds", "AffineLayer", "ConvLayer", "DenseLayer", "LayerType", "TorchReLUBounds",
+           "affine_layer", "is_activation", "is_affine", "layer_type", "layer_type_named", "network_layers", "register_layer",
+           "registered_names"]

@@ -122,7 +122,7 @@ def robust_loss(model: LipschitzNet, x: Tensor, y: Tensor, eps: float, kappa: fl
         margins = local_margins(model, lb, y, tc.last_layer)
         stats["fixed_fraction"] = lb.fixed_fraction()
         stats["fixed_per_layer"] = lb.fixed_fraction_per_layer()
-        stats["masked_per_layer"] = list(lb.info.get("masked_fraction") or [])
+        stats["masked_per_layer"] = list(lb.record.masked_fraction or [])
         if tc.sparsity_weight > 0:
             _, acts = network_layers(model)
             extra = tc.sparsity_weight * sparsity_loss(lb.pre_bounds, acts)

@@ -154,7 +154,7 @@ def run_unscreened(state, settings):
     from locallip.bounds import local_margins
 
     idx = state.open()
-    state.record["unscreened_points"] = int(idx.numel())
+    state.record.steps["unscreened"] = int(idx.numel())
     if not idx.numel():
         return
     lb = local_bound(state.model, state.x[idx], state.eps[idx], level="exact", global_norms=state.g.layer_norms,
@@ -212,3 +212,28 @@ def test_an_unregistered_step_leaves_the_cascade_as_it_was():
     c = certify(net, x, y, 0.05, generator=torch.Generator().manual_seed(0))
     assert "unscreened" not in c.step_counts()
     assert math.isclose(sum(c.step_counts().values()), int(c.certified.sum()))
+
+
+# --------------------------------------------------------------------------- a global bound belongs to its weights
+
+
+def test_a_global_bound_is_refused_for_another_model_or_later_weights():
+    """certify(mB, ..., global_result=global_bound(mA)) with mB = mA with its first layer x 10 once
+    certified points that PGD broke (issue: reliability round 2, defect 4). Now it is refused, and so
+    is a bound whose model's weights changed since."""
+    a = _plain_net(5)
+    b = _plain_net(5)
+    with torch.no_grad():
+        b[1].weight.mul_(10)
+    x = _x(64, 5)
+    y = b(x).argmax(1)
+    g_a = global_bound(a)
+    with pytest.raises(ValueError, match="other weights"):
+        certify(b, x, y, 0.05, global_result=g_a)
+    with pytest.raises(ValueError, match="other weights"):
+        certified_radius(b, x, y, max_radius=1.0, global_result=g_a)
+    certify(a, x, y, 0.05, global_result=g_a)  # its own model: accepted
+    with torch.no_grad():
+        a[1].weight.add_(1e-3)  # an optimizer step, in place
+    with pytest.raises(ValueError, match="other weights"):
+        certify(a, x, y, 0.05, global_result=g_a)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .layers.base import AffineLayer
+from .records import LayerRecord
 from .settings import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_FLOPS
 from .solvers import LayerNorms
 
@@ -270,7 +271,7 @@ def exact_layer_solver(global_norms: Tensor, settings, layers: list, fallback=No
             quick = lanczos_norm(op, col_mask, row_mask, v0, steps=quick_steps, work_dtype=settings.work_dtype)
             todo &= quick.sigma < (1 - settings.exact_near_global) * g
             start, work = quick.vector, int(quick.steps.max())
-        entry = {"side": None, "proven": int(zero.sum()), "global_fallback": 0, "near_global": int((~todo & ~zero).sum())}
+        entry = LayerRecord(proven=int(zero.sum()), near_global=int((~todo & ~zero).sum()))
         idx = todo.nonzero().squeeze(1)
         if idx.numel():
             work += _prove(job, start, idx, entry, settings)
@@ -301,14 +302,14 @@ class _ProofJob:
         return self.proven[idx]
 
 
-def _prove(job: _ProofJob, start: Tensor, idx: Tensor, entry: dict, s) -> int:
+def _prove(job: _ProofJob, start: Tensor, idx: Tensor, entry: LayerRecord, s) -> int:
     """Exact bounds (in place into ``job.upper``) of the samples ``idx``: a converged estimate places the
     Cholesky proof; unproven samples keep the global norm. Returns the estimate's work."""
     from .krylov import choose_side
     from .spectral import restarted_lanczos_norm
 
     side = choose_side(job.op)
-    entry["side"] = side
+    entry.side = side
     cm, rm = job.pick(job.col_mask, idx), job.pick(job.row_mask, idx)
     est = restarted_lanczos_norm(job.op, cm, rm, start[idx], max_applications=s.max_iter, tol=s.tol,
                                  work_dtype=s.work_dtype)
@@ -318,20 +319,21 @@ def _prove(job: _ProofJob, start: Tensor, idx: Tensor, entry: dict, s) -> int:
     job.upper[idx] = torch.where(proven, torch.minimum(bound.to(job.g.dtype), gi), gi)
     job.proven = torch.zeros_like(job.deterministic)
     job.proven[idx] = proven
-    entry["proven"] += int(proven.sum())
-    entry["global_fallback"] += int((~proven).sum())
+    entry.proven += int(proven.sum())
+    entry.global_fallback += int((~proven).sum())
     return est.iterations
 
 
-def _fall_back(job: _ProofJob, start: Tensor, open_: Tensor, entry: dict, fallback, l: int, layers: list) -> None:
+def _fall_back(job: _ProofJob, start: Tensor, open_: Tensor, entry: LayerRecord, fallback, l: int,
+               layers: list) -> None:
     """The probabilistic bound (``fallback``) for the samples ``open_`` no proof covered."""
     if not open_.numel():
         return
     before = len(layers)
     prob = fallback(l, job.op, job.pick(job.col_mask, open_), job.pick(job.row_mask, open_), start[open_])
-    entry["probabilistic"] = layers[before:]  # what the fallback rests on
+    entry.probabilistic = layers[before:]  # what the fallback rests on
     del layers[before:]
     job.upper[open_] = prob.sigma
     job.deterministic[open_] = prob.deterministic
-    entry["global_fallback"] -= int(open_.numel()) - int((prob.sigma >= job.g[open_]).sum())
-    entry["probabilistic_fallback"] = int((~prob.deterministic).sum())
+    entry.global_fallback -= int(open_.numel()) - int((prob.sigma >= job.g[open_]).sum())
+    entry.probabilistic_fallback = int((~prob.deterministic).sum())

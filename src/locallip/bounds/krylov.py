@@ -34,6 +34,7 @@ import torch
 
 from .layers.base import AffineLayer
 from .masked import _batch_norm, _in_dtype, _masked_linear, _masked_transpose, _normalize
+from .records import LayerRecord
 from .solvers import LayerNorms
 
 Tensor = torch.Tensor
@@ -274,10 +275,10 @@ def probabilistic_layer_solver(global_norms: Tensor, delta_layer: float, inflati
         # the map is constant on the ball): its norm is 0, exactly, whatever the Krylov space saw.
         zero = _empty(row_mask, batch, device) | _empty(col_mask, batch, device)
         upper = torch.where(zero, torch.zeros_like(upper), upper)
-        layers.append({"side": side, "steps": int(k), "n_max": int(n_max),
-                       "inflation_max": float((factor[usable] - 1).max()) if bool(usable.any()) else None,
-                       "inflation_median": float((factor[usable] - 1).median()) if bool(usable.any()) else None,
-                       "fp_margin_max": float(margin.max()), "global_fallback": int((~usable).sum())})
+        layers.append(LayerRecord(side=side, steps=int(k), n_max=int(n_max),
+                                  inflation_max=float((factor[usable] - 1).max()) if bool(usable.any()) else None,
+                                  inflation_median=float((factor[usable] - 1).median()) if bool(usable.any()) else None,
+                                  fp_margin_max=float(margin.max()), global_fallback=int((~usable).sum())))
         # A dead layer (nothing active) is the constant map: its norm 0 is exact. Where the
         # global norm was used, the value is deterministic too.
         deterministic = zero | (upper >= g)

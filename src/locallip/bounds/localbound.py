@@ -27,6 +27,7 @@ from .globalbound import global_bound
 from .layers import AffineLayer, network_layers
 from .layers.base import bcast
 from .norm_solvers import estimate_solver, global_norm_solver, sound_solver
+from .records import NormRecord
 from .settings import LEVELS, MASKED_NORMS, NormSettings, as_batch_radius, settings_from
 from .solvers import Solver
 from .spectral import restarted_lanczos_norm
@@ -56,7 +57,7 @@ class LocalBound:
     converged: Tensor  # [B] bool, every layer's estimate converged (always True for the sound levels)
     level: str = "estimate"  # what the layer norms are: "probabilistic", "exact" or "estimate"
     row_masks: Optional[List[Tensor]] = None  # row mask of every hidden layer's masked operator
-    info: Dict[str, object] = field(default_factory=dict)  # what the level rests on (delta, steps, ...)
+    record: NormRecord = field(default_factory=lambda: NormRecord("estimate"))  # what the level rests on
     input_shape: Tuple[int, ...] = ()  # per-sample input shape the bound was computed for
     # [B] bool: every layer norm of the sample is a deterministic upper bound (exact proof or the
     # guaranteed global norm); None for estimates.
@@ -71,6 +72,11 @@ class LocalBound:
     def guarantee(self) -> str:
         """The older name of ``level``."""
         return self.level
+
+    @property
+    def info(self) -> NormRecord:
+        """The older name of ``record``."""
+        return self.record
 
     def fixed_fraction(self) -> float:
         total = sum(m[0].numel() for m in self.masks) * self.masks[0].shape[0]
@@ -138,21 +144,19 @@ def local_bound(model: nn.Sequential, x: Tensor, eps: Union[float, Tensor], sett
     vectors = start_vectors
     if vectors is None and s.init == "global" and hasattr(model, "power_vectors"):
         vectors = model.power_vectors()
-    info: Dict[str, object] = {"level": s.level}
+    record = NormRecord(s.level)
     if s.level == "estimate":
-        lb = propagate(ops, acts, x, eps_b, estimate_solver(s, info), vectors, generator, clean=clean)
-        lb.level, lb.info = s.level, info
+        lb = propagate(ops, acts, x, eps_b, estimate_solver(s, record), vectors, generator, clean=clean)
+        lb.level, lb.record = s.level, record
         return lb
     if global_norms is None:
         global_norms = global_bound(model, method="guaranteed", input_shape=tuple(x.shape[1:])).layer_norms
-    delta_layer = s.delta / max(len(ops) - 1, 1)
-    layers: List[Dict[str, object]] = []
-    info.update(delta=s.delta, delta_layer=delta_layer, layers=layers)
-    solve = sound_solver(s, global_norms.to(x.dtype), delta_layer, generator, layers)
+    record.delta, record.delta_layer = s.delta, s.delta / max(len(ops) - 1, 1)
+    solve = sound_solver(s, global_norms.to(x.dtype), record.delta_layer, generator, record.layers)
     with torch.no_grad():  # start_vectors warm-start the estimate that places the exact proof
         lb = propagate(ops, acts, x, eps_b, solve, start_vectors if s.level == "exact" else None, generator,
                        clean=clean)
-    lb.level, lb.info = s.level, info
+    lb.level, lb.record = s.level, record
     return lb
 
 
@@ -173,7 +177,7 @@ def box_bound(model: nn.Sequential, x: Tensor, eps: Union[float, Tensor], *,
     with torch.no_grad():
         lb = propagate(ops, acts, x, eps_b, solve, None, None, draw_starts=False, clean=clean)
     lb.level = "exact"
-    lb.info = {"level": "exact", "layer_norms": "global (guaranteed)"}
+    lb.record = NormRecord("exact", layer_norms="global (guaranteed)")
     return lb
 
 

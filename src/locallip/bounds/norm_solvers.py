@@ -5,13 +5,14 @@ used for ||diag(row) W diag(col)|| per sample, and what it is (converged, determ
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
 from .exact import exact_layer_solver
 from .krylov import lanczos_norm, probabilistic_layer_solver
 from .layers.base import batch_norm2
+from .records import NormRecord
 from .settings import NormSettings
 from .solvers import LayerNorms, Solver
 from .spectral import power_iteration_norm, restarted_lanczos_norm
@@ -53,11 +54,11 @@ def _run_estimate(s: NormSettings, steps: int, op, col_mask, row_mask, v0):
     return res.sigma, res.iterations, res.converged
 
 
-def estimate_solver(s: NormSettings, info: Dict[str, object]) -> Solver:
+def estimate_solver(s: NormSettings, record: NormRecord) -> Solver:
     """Solver of the estimate level (from below), optionally skipping layers whose masks change nothing."""
     steps = s.steps if s.steps is not None else s.max_iter
     solved: List[float] = []
-    info["masked_fraction"] = solved  # per layer: share of the samples the masked solver ran for
+    record.masked_fraction = solved  # per layer: share of the samples the masked solver ran for
 
     def solve(l, op, col_mask, row_mask, v0):
         batch = v0.shape[0]

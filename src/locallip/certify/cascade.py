@@ -35,6 +35,7 @@ from torch import nn
 
 from ..bounds import GlobalBound, box_bound, global_bound, local_margins, top_singular_vectors, worst_margin
 from ..bounds.clean import CleanPass, check_input, clean_pass
+from ..bounds.records import CascadeRecord
 from ..bounds.settings import as_batch_radius, settings_from
 from . import masked_step
 from .guarantees import cascade_guarantee, local_guarantee
@@ -63,7 +64,7 @@ class Certificate:
     promise: str  # what the certificate promises, in words
     kind: str  # "local" | "global"
     level: str = "exact"  # "probabilistic" | "exact" | "estimate" (global certificates are exact)
-    info: dict = field(default_factory=dict)  # delta, steps, inflation per layer, points per step, ...
+    record: CascadeRecord = field(default_factory=CascadeRecord)  # points per step, what the norms rest on
     step: Optional[Tensor] = None  # [B] index into the step registry: the step that decided the point
     deterministic: Optional[Tensor] = None  # [B] the point's certificate rests on no random start
 
@@ -71,6 +72,11 @@ class Certificate:
     def guarantee(self) -> str:
         """The older name of ``promise``."""
         return self.promise
+
+    @property
+    def info(self) -> CascadeRecord:
+        """The older name of ``record``."""
+        return self.record
 
     def step_names(self) -> List[str]:
         return [STEPS[int(s)] for s in self.step]
@@ -137,7 +143,7 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: Union[float, Tensor], b
 def run_box_step(state: CascadeState, s: CascadeSettings) -> None:
     """The local bound's boxes on the guaranteed global norms, for the open points."""
     idx = state.open()
-    state.record["box_points"] = int(idx.numel())
+    state.record.box_points = int(idx.numel())
     if not idx.numel():
         return
     lb = box_bound(state.model, state.x[idx], state.eps[idx], global_norms=state.g.layer_norms,
@@ -153,7 +159,7 @@ def run_masked_step(state: CascadeState, s: CascadeSettings) -> None:
         return
     starts = warm_starts(state.model, state.g, tuple(state.x.shape[1:]))
     if s.level == "estimate":
-        state.record["masked_points"] = int(idx.numel())
+        state.record.masked_points = int(idx.numel())
         masked_step.apply_local_bound(state, idx, s.norms(**masked_step.FROM_BELOW),
                                       starts, lambda lb: torch.full_like(idx, STEP["estimate"]))
     else:
@@ -167,23 +173,18 @@ def _single_level(state: CascadeState, s: CascadeSettings) -> Certificate:
     masked_step.apply_local_bound(state, idx, s.norms(init="random"), None, lambda lb: torch.full_like(idx, step))
     state.step[state.robust & (worst_margin(state.m_global, state.pred) > 0)] = STEP["global"]
     state.step[~state.correct & ~state.robust] = STEP["misclassified"]
-    info = (state.record.get("levels_info") or [{}])[0]
-    text = local_guarantee(s.level, tol=s.tol, max_iter=s.max_iter, method=s.method, delta=s.delta, info=info)
-    return _result(state, s.level, text, "local", info)
+    text = local_guarantee(s.level, tol=s.tol, max_iter=s.max_iter, method=s.method, delta=s.delta,
+                           info=state.record.norms)
+    return _result(state, s.level, text, "local")
 
 
-def _result(state: CascadeState, level: str, text: str, kind: str, info: Optional[dict] = None) -> Certificate:
+def _result(state: CascadeState, level: str, text: str, kind: str) -> Certificate:
     if kind == "global":
         state.step[~state.correct & ~state.robust] = STEP["misclassified"]
-    if info is None:
-        info = dict(state.record)
-        levels = info.pop("levels_info", [])
-        if levels:
-            info.update({k: v for k, v in levels[-1].items() if k != "level"})
     return Certificate(prediction=state.pred, correct=state.correct, robust=state.robust,
                        certified=state.robust & state.correct, worst_margin=state.best, bound=state.bound,
                        converged=state.converged, iterations=state.iterations, promise=text, kind=kind,
-                       level=level, info=info, step=state.step, deterministic=state.deterministic())
+                       level=level, record=state.record, step=state.step, deterministic=state.deterministic())
 
 
 # The built-in steps, in index order (indices are part of certificates: append, never reorder).

@@ -53,7 +53,7 @@ def apply_local_bound(state, idx: Tensor, norms: NormSettings, start_vectors, st
     state.bound[idx] = lb.lipschitz
     state.converged[idx] = lb.converged
     state.iterations = list(lb.iterations)
-    state.record.setdefault("levels_info", []).append(lb.info)
+    state.record.norms = lb.record
 
 
 def screen_then_prove(state, idx: Tensor, s, starts) -> None:
@@ -66,9 +66,9 @@ def screen_then_prove(state, idx: Tensor, s, starts) -> None:
     slack = 1e-6 * (1 + state.best[idx].abs())
     passed = w > -slack
     state.step[idx[~passed]] = STEP["excluded"]
-    state.record.update(screened=int(idx.numel()), excluded=int((~passed).sum()))
+    state.record.screened, state.record.excluded = int(idx.numel()), int((~passed).sum())
     idx = idx[passed]
-    state.record["masked_points"] = int(idx.numel())
+    state.record.masked_points = int(idx.numel())
     if not idx.numel():
         return
     sound = s.norms(level="exact", exact_fallback="probabilistic" if s.level == "probabilistic" else "global",

@@ -108,7 +108,7 @@ def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, pr
             certs[lv] = certify(model, xb, yb, radius, "local", level_settings(cfg, lv), generator=gen,
                                 global_result=g)
             part["timing"][lv] += time.perf_counter() - t1
-            part["infos"][lv].append(certs[lv].info)
+            part["infos"][lv].append(certs[lv].record)
         attack_margin = _audit(model, xb, radius, glo, certs, cfg.attack, gen, part)
         part["rows"] += _rows(start, yb, glo, certs, levels, attack_margin)
     parts = group.all_gather(part)

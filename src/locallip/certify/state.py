@@ -8,6 +8,7 @@ import torch
 
 from ..bounds import GlobalBound, global_margins, worst_margin
 from ..bounds.clean import CleanPass
+from ..bounds.records import CascadeRecord
 from .steps import STEP, certifying_steps
 
 Tensor = torch.Tensor
@@ -37,7 +38,7 @@ class CascadeState:
         self.bound = g.lipschitz.to(x.dtype).expand(x.shape[0]).clone()
         self.converged = torch.ones_like(self.robust)
         self.iterations: List[int] = []
-        self.record: dict = {}
+        self.record = CascadeRecord()
 
     def open(self) -> Tensor:
         """Indices of the correct points no step has certified yet (and no step has excluded)."""

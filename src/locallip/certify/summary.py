@@ -63,8 +63,8 @@ def level_summary(level: str, headline: bool, rows: List[dict], infos: List[dict
         text = cascade_guarantee(level, delta=delta, tol=cfg.tol, max_iter=cfg.max_iter, masked=bool(cfg.masked_norms))
     else:
         text = local_guarantee(level, tol=cfg.tol, max_iter=cfg.max_iter, method=str(cfg.method), delta=delta,
-                               info=infos[0] if infos else None)
-    work = {k: sum(int(i.get(k, 0)) for i in infos) for k in ("box_points", "screened", "excluded", "masked_points")}
+                               info=infos[0].norms if infos else None)
+    work = {k: sum(getattr(i, k) for i in infos) for k in ("box_points", "screened", "excluded", "masked_points")}
     out = {
         "certified_acc": certified / n,
         "guarantee": text,
@@ -78,11 +78,12 @@ def level_summary(level: str, headline: bool, rows: List[dict], infos: List[dict
         "time_s": time_s, "samples_per_s": n / max(time_s, 1e-9), "broken": broken,
     }
     # Only probabilistic certificates can be false (with probability <= delta each).
-    out.update(level_details(level, infos, delta, by_guarantee["probabilistic"] if cfg.cascade else n))
+    norms = [i.norms for i in infos if i.norms is not None]
+    out.update(level_details(level, norms, delta, by_guarantee["probabilistic"] if cfg.cascade else n))
     return out
 
 
-def level_details(level: str, infos: List[dict], delta: float, n_probabilistic: int) -> Dict[str, object]:
+def level_details(level: str, infos: List, delta: float, n_probabilistic: int) -> Dict[str, object]:
     """What the masked step rests on, over all batches: per layer proofs, fallbacks, steps and inflation."""
     infos = [i for i in infos if i.get("layers")]
     if level == "estimate" or not infos:

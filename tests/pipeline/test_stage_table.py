@@ -209,8 +209,10 @@ def test_the_orchestration_never_compares_a_stage_name(path):
     assert not found, f"{path.relative_to(REPO)}: {found}"
 
 
-@pytest.mark.parametrize("path", sorted([REPO / "workflow" / "Snakefile", *(REPO / "workflow" / "rules").glob("*.smk")]),
-                         ids=lambda p: p.name)
+RULE_FILES = sorted([REPO / "workflow" / "Snakefile", *(REPO / "workflow" / "rules").glob("*.smk")])
+
+
+@pytest.mark.parametrize("path", RULE_FILES, ids=lambda p: p.name)
 def test_the_snakemake_rules_never_compare_a_stage_name(path):
     """The same for the rules (Snakemake's syntax is not Python's: a pattern instead of the parse)."""
     literal = "|".join(NAMES)

@@ -133,10 +133,9 @@ def _run_stage(args) -> int:
     """Any stage of the table: its settings, its paths (given, or the layout's), then its function."""
     s = stage(args.command)
     cfg, run = resolve(args, s)
-    radius = getattr(cfg, "radius", None)
-    name = cfg.config.name if hasattr(cfg, "config") else cfg.name
+    radius = cfg.radius if s.per_radius else None
     defaults = {k: (v[0] if v else None) for k, v in s.inputs(cfg).items()}
-    defaults.update(s.outputs(name, radius))
+    defaults.update(s.outputs(s.experiment(cfg), radius))
     defaults.update(s.options(cfg))
     paths = {}
     for key in s.flags:
@@ -215,7 +214,7 @@ def _add_stage_parser(sub, s: Stage) -> argparse.ArgumentParser:
     if s.per_radius:
         p.add_argument("--radius", type=_parse_radius)
     for key, flag in s.flags.items():
-        if key.endswith("_dirs"):  # several paths: the flag is repeated
+        if key in s.repeated_flags:
             p.add_argument(flag, dest=key, action="append", default=[], help=f"{key.replace('_', ' ')} (repeatable)")
         else:
             p.add_argument(flag, dest=key, help=key.replace("_", " "))

@@ -136,7 +136,7 @@ def needs(cfgs: Mapping[str, Config], names: Sequence[str], s: Stage, name: str)
     """Whether experiment ``name`` runs stage ``s``: its own setting, or a report showing it needs it."""
     if s.enabled(cfgs[name]):
         return True
-    return s.name == "radii" and any(name in cfgs[m].report.baselines and s.enabled(cfgs[m]) for m in names)
+    return s.run_for_baselines and any(name in cfgs[m].report.baselines and s.enabled(cfgs[m]) for m in names)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -180,20 +180,21 @@ def job(cfgs: Mapping[str, Config], name: str, stage_name: str, radius: Optional
 def _job_settings(s, cfgs: Mapping[str, Config], name: str, radius: Optional[float]):
     """Stage ``s``'s typed settings for one job; the report's also carry the commands that rebuild it."""
     settings = s.settings(cfgs, name, radius)
-    if hasattr(settings, "reproduce"):
+    if s.shows_reproduce_commands:
         settings.reproduce = reproduce_commands(cfgs, name)
     return settings
 
 
 def reproduce_commands(cfgs: Mapping[str, Config], name: str) -> List[str]:
     """The stage commands (composed from config/) that rebuild experiment ``name``, in order."""
-    out = []
+    out, last = [], []
     for s in STAGES:
-        if s.name == "report" or not s.enabled(cfgs[name]):
-            continue
-        for r in (radii(cfgs[name]) if s.per_radius else [None]):
-            out.append(shell(command(job(cfgs, name, s.name, r, src_dir=None), "experiment")))
-    return out + [shell(["locallip", "report", f"experiment={name}"])]
+        if s.shows_reproduce_commands:  # its job's settings hold this very list: not built here
+            last.append(shell(["locallip", s.name, f"experiment={name}"]))
+        elif s.enabled(cfgs[name]):
+            for r in (radii(cfgs[name]) if s.per_radius else [None]):
+                out.append(shell(command(job(cfgs, name, s.name, r, src_dir=None), "experiment")))
+    return out + last
 
 
 def jobs(cfgs: Mapping[str, Config], names: Sequence[str]) -> Iterator[Job]:

@@ -64,17 +64,11 @@ def pipeline(cfgs: Mapping[str, Config], names: Sequence[str]) -> dict:
                  "deps": [f for group, files in j.inputs.items() if group != "code" for f in files]
                  + j.inputs["code"],
                  "params": [f"{j.experiment}.{j.stage}"]}
-        kinds = stage(j.stage).dvc
+        s = stage(j.stage)
         for key, path in j.outputs.items():
-            entry.setdefault(kinds.get(key, "outs"), []).append(path)
+            entry.setdefault(s.dvc.get(key, "outs"), []).append(path)
         stages[stage_name(j.stage, j.experiment, j.radius)] = entry
-        if j.stage == "train":
-            metrics = j.outputs["metrics"]
-            plots.append({f"training-{j.experiment}": {"title": f"{j.experiment}: validation accuracy per epoch",
-                                                       "x": "epoch",
-                                                       "y": {metrics: ["val_clean_acc", "val_certified_acc"]}}})
-            plots.append({f"loss-{j.experiment}": {"title": f"{j.experiment}: training loss per epoch", "x": "epoch",
-                                                   "y": {metrics: ["loss"]}}})
+        plots += s.dvc_plots(j.experiment, j.outputs)
     return {"stages": stages, "plots": plots}
 
 

@@ -1,13 +1,14 @@
 """The stage table: every stage of the pipeline, written once.
 
-    download --> train --> calibrate --> certify (one job per radius) --> report
-                                     \\-> radii (every point's certified radius) -/
+    download --> train --> calibrate --> certify (one job per radius) --> export --> report
+                                     \\-> radii (every point's certified radius) ------------/
 
 Each entry says which module and function run the stage, the part of the composed
 configuration it depends on (its tracked settings), the files it reads and writes, the
 command-line flag of each, and how it runs (per radius, data-parallel, on the submitting
-node, threads, resources, what Snakemake's HTML report shows of it, how DVC declares its
-outputs). The CLI (``pipeline.cli``), the Snakemake rules (``workflow/rules/stages.smk``),
+node, threads, resources, what Snakemake's HTML report shows of it, how DVC declares and plots
+its outputs, whether a report's baselines run it too). The orchestrators read these fields and
+never a stage's name. The CLI (``pipeline.cli``), the Snakemake rules (``workflow/rules/stages.smk``),
 ``dvc.yaml`` (``pipeline.dvc``), the jobs and commands (``pipeline.dag``) and the
 report's "how to reproduce" are all built from it: adding a stage is one entry here and
 one module under ``locallip.stages``.
@@ -57,6 +58,16 @@ class Stage:
     resources: Dict[str, int] = field(default_factory=dict)  # mem_mb, runtime (minutes); gpu follows `parallel`
     report: Dict[str, ReportItem] = field(default_factory=dict)  # outputs in Snakemake's HTML report
     dvc: Dict[str, str] = field(default_factory=dict)  # output -> "outs" (cached) | "metrics" | "plots"
+    # dvc.yaml's top-level plots of one job: (experiment, its outputs) -> [{plot id: definition}]
+    dvc_plots: Callable[[str, Dict[str, str]], List[dict]] = lambda experiment, outputs: []
+    # An experiment runs it also when a report that shows the experiment as a baseline runs it
+    # (the report compares its output across systems), even where the experiment turns it off.
+    run_for_baselines: bool = False
+    # Its settings' `reproduce` gets the commands that rebuild the experiment (every other stage's);
+    # its own comes last in that list, composed from config/.
+    shows_reproduce_commands: bool = False
+    experiment: Callable[[Any], str] = lambda s: s.name  # the experiment its settings are for
+    repeated_flags: Tuple[str, ...] = ()  # options that are lists of paths: the flag is given once per path
 
     def flag_keys(self) -> List[str]:
         return list(self.flags)
@@ -140,6 +151,14 @@ def _report_inputs(s: ReportStage) -> Dict[str, List[str]]:
     return out
 
 
+def _training_plots(experiment: str, outputs: Dict[str, str]) -> List[dict]:
+    metrics = outputs["metrics"]
+    return [{f"training-{experiment}": {"title": f"{experiment}: validation accuracy per epoch", "x": "epoch",
+                                        "y": {metrics: ["val_clean_acc", "val_certified_acc"]}}},
+            {f"loss-{experiment}": {"title": f"{experiment}: training loss per epoch", "x": "epoch",
+                                    "y": {metrics: ["loss"]}}}]
+
+
 def _splits_and(model_path) -> Callable[[Any], Dict[str, List[str]]]:
     return lambda s: {"data": [str(layout.splits(s.name))], "model": [str(model_path(s.name))]}
 
@@ -159,7 +178,7 @@ STAGES: Tuple[Stage, ...] = (
           # One thread per training: on CPUs two trainings side by side get ~1.3x the work of one
           # on two threads (bench/train_step.py, --threads 1 vs 2); raise it with --set-threads train=N.
           parallel=True, threads=1, priority=1, resources={"mem_mb": 16000, "runtime": 24 * 60},
-          dvc={"out": "outs", "metrics": "metrics"}),
+          dvc={"out": "outs", "metrics": "metrics"}, dvc_plots=_training_plots),
     Stage("calibrate", "stages.calibrate", "run_calibrate", CalibrateStage,
           "choose clipping thresholds on the calibration split", _calibrate,
           outputs=lambda n, r: {"out": str(layout.calibrated_model(n)), "summary": str(layout.calibration(n))},
@@ -179,7 +198,7 @@ STAGES: Tuple[Stage, ...] = (
           "per test point, the largest certified radius (for the report's curve)", _radii,
           outputs=lambda n, r: {"out": str(layout.radii_table(n))}, inputs=_splits_and(layout.calibrated_model),
           flags={"data": "--data", "model": "--model", "out": "--out"}, enabled=lambda cfg: cfg.curve.enabled,
-          parallel=True, resources={"mem_mb": 8000, "runtime": 240}, dvc={"out": "outs"}),
+          parallel=True, resources={"mem_mb": 8000, "runtime": 240}, dvc={"out": "outs"}, run_for_baselines=True),
     Stage("export", "stages.export", "run_export", ExportStage,
           "write the calibrated model as safetensors + a layer list, with its model card", _export,
           outputs=lambda n, r: {k: str(v) for k, v in layout.exported(n).items()},
@@ -197,6 +216,7 @@ STAGES: Tuple[Stage, ...] = (
           options=lambda s: {"experiment_dir": str(layout.experiment_dir(s.config.name)),
                              "baseline_dirs": [str(layout.experiment_dir(b)) for b in s.baselines]},
           flags={"experiment_dir": "--experiment-dir", "baseline_dirs": "--baseline-dir", "out": "--out"},
+          repeated_flags=("baseline_dirs",), shows_reproduce_commands=True, experiment=lambda s: s.config.name,
           local=True, dvc={"out": "outs", "training_plot": "plots", "diagnostics_plot": "plots",
                            "radius_plot": "plots", "time_plot": "plots", "steps_table": "plots"},
           report={"out": ReportItem("report.rst", "Report", {"figure": "report (markdown)"}),

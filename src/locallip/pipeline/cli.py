@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from importlib import import_module
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..foundation.compose import compose, experiment_names, from_plain, plain
+from ..foundation.radius import check_radius
 from ..foundation.schema import ConfigError, RunConfig
 from . import dag
 from .table import NAMES, STAGES, Stage, stage, stage_config
@@ -34,12 +34,9 @@ from .table import NAMES, STAGES, Stage, stage, stage_config
 
 def _parse_radius(text: str) -> float:
     try:
-        r = float(text)
+        return check_radius(float(text))  # the one radius rule (foundation.radius)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"radius must be a number, got {text!r}")
-    if not math.isfinite(r) or r < 0:
-        raise argparse.ArgumentTypeError(f"radius must be a finite number >= 0, got {text!r}")
-    return r
+        raise argparse.ArgumentTypeError(f"radius must be a finite number >= 0, got {text!r}") from None
 
 
 def _split_overrides(items: List[str]) -> Tuple[Optional[str], List[str]]:

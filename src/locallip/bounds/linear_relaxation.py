@@ -1,0 +1,363 @@
+"""Linear relaxation (CROWN, Zhang et al. 2018) of the logit margins over an l2 ball, per sample.
+
+Notation as in ``operators``: h_{-1} = x', z_l = W_l h_{l-1} + b_l, h_l = act_l(z_l), logits z_L.
+Given a box [lo_l, hi_l] of every hidden pre-activation on B(x, eps), each activation is
+enclosed between two lines per neuron, ``aL z + cL <= act(z) <= aU z + cU`` on its box.
+A lower bound of nu . h_l then follows neuron by neuron (lower line where nu > 0, upper
+line where nu < 0), which is linear in z_l = W_l h_{l-1} + b_l, and so on down to the
+input, where min over ||x' - x|| <= eps of nu . x' + d is nu . x + d - eps ||nu||_2.
+
+* Relaxations. ReLU and the clipped ReLU clip(z, 0, theta) are piecewise linear with kinks
+  at 0 and theta: a line with slope a lies below them on [lo, hi] iff it lies below them at
+  lo, hi and the kinks inside, so each intercept is the min (max) of f(p) - a p over those
+  points. Any slope gives a valid line; the slopes are CROWN's (chords, and 0 or 1 for the
+  lower side of a ReLU), and alpha-CROWN tunes the lower ones. MaxMin sorts pairs:
+  max(a, b) = b + relu(a - b) and min(a, b) = a - relu(a - b), so relaxing relu(d) on the
+  box of d = a - b relaxes both outputs. ClippedMaxMin is not handled
+  (``RelaxationNotApplicable``).
+* Pre-activation boxes start from the given ones (e.g. IBP ∩ ball, ``LocalBound.pre_bounds``)
+  and are tightened layer by layer by the same back-substitution with z_l's unit vectors as
+  objective, only for the neurons whose activation is not affine on the box (the others are
+  relaxed exactly). The result is the intersection, so never looser than the start.
+* Rounding (float64, u = 2^-53). Every intercept is rounded outward (slack 4u(|f(p)| + |a p|),
+  0 where f(p) - a p is exact). The back-substitution is exact up to: each W^T mu (error
+  <= gamma_n |W|^T |mu|, whose product with h_{l-1} is <= gamma_n ||W||_F ||mu|| ||h_{l-1}||max),
+  each mu . b, each product of a coefficient by a slope (<= 5u relative, slopes in [0, 1]) times
+  ||z||max, the constants' sums and the final concretization. Each is at most gamma_N times one
+  term of ``mag`` (N: the largest fan-in plus fan-out of a layer, plus 16); the bound returned is
+  value - 2 gamma_N mag, the factor 2 covering the rounding of ``mag`` itself. ||h_l|| <= ||z_l||
+  on the box for these activations (|clip(z)| <= |z|, sorting a pair keeps its norm). Affine
+  offsets are op.forward(0): exact without a Normalize; with one, the model's own evaluation of
+  W(-mean/std) + b, which every step of the cascade takes as the network's definition.
+  Matrix products are assumed to be sums of products in some order (no fast algorithms).
+* Cost per point: one backward pass per unstable neuron and sign (2 rows), plus C rows for the
+  margins; a row through layer l costs one W_l^T. Rows are batched over the samples in chunks
+  of at most ``max_bytes`` (a row holds ~6 tensors of the largest layer's size, float64).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..nn.activations import ClippedReLU, MaxMin, ReLU
+from .operators import network_layers
+
+Tensor = torch.Tensor
+Bounds = List[Tuple[Tensor, Tensor]]
+_U = 2.0 ** -53  # unit roundoff of float64
+#: Memory for the rows of one chunk (bytes).
+DEFAULT_MAX_BYTES = 256 * 2 ** 20
+#: A layer's rows W^T e_k are kept explicitly below this many entries.
+BASIS_MAX_ENTRIES = 2 ** 23
+
+
+class RelaxationNotApplicable(NotImplementedError):
+    """The network has a layer the linear relaxation does not handle: the step does not apply."""
+
+
+def _gamma(n: int) -> float:
+    return n * _U / (1 - n * _U)
+
+
+def _norm(t: Tensor) -> Tensor:
+    return t.flatten(1).norm(dim=1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).flatten(1).sum(1)
+
+
+def _clip(z: Tensor, theta: Tensor) -> Tensor:
+    return torch.minimum(torch.relu(z), theta)
+
+
+def _intercept(slope: Tensor, lo: Tensor, hi: Tensor, theta: Tensor, lower: bool) -> Tensor:
+    """min (lower) / max (upper) over lo, hi and the kinks 0, theta inside of f(p) - slope p,
+    f = clip(., 0, theta), rounded outward: the line slope z + intercept is below (above) f on [lo, hi]."""
+    def inside(k):
+        return torch.where((lo < k) & (k < hi), k, lo)
+    pts = torch.stack([lo, hi, inside(torch.zeros_like(lo)), inside(theta.expand_as(lo))], -1)
+    fp = _clip(pts, theta.unsqueeze(-1))
+    ap = slope.unsqueeze(-1) * pts
+    exact = (slope == 0).unsqueeze(-1) | ((slope == 1).unsqueeze(-1) & ((fp == pts) | (fp == 0)))
+    slack = torch.where(exact, torch.zeros_like(fp), 4 * _U * (fp.abs() + ap.abs()))
+    v = fp - ap
+    return (v - slack).amin(-1) if lower else (v + slack).amax(-1)
+
+
+def _safe_div(a: Tensor, b: Tensor) -> Tensor:
+    return a / torch.where(b > 0, b, torch.ones_like(b))
+
+
+def _default_slopes(lo: Tensor, hi: Tensor, theta: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(lower slope, upper slope, unstable) of CROWN for clip(z, 0, theta) on [lo, hi] (theta = inf: ReLU).
+
+    Stable neurons (off, saturated, linear) get their exact slope 0 or 1."""
+    theta = theta.expand_as(lo)
+    linear = (lo >= 0) & (hi <= theta)
+    unstable = ~((hi <= 0) | (lo >= theta) | linear)
+    p0, p1 = lo.clamp_min(0), torch.minimum(hi, theta)
+    a_lower = _safe_div(_clip(hi, theta) - _clip(p0, theta), hi - p0)
+    a_lower = torch.where((lo < 0) & (-lo > hi), torch.zeros_like(lo), a_lower)
+    a_upper = _safe_div(_clip(p1, theta) - _clip(lo, theta), p1 - lo)
+    a_upper = torch.where((hi > theta) & (hi - theta > theta - lo), torch.zeros_like(lo), a_upper)
+    exact = linear.to(lo.dtype)
+    return (torch.where(unstable, a_lower.clamp(0, 1), exact), torch.where(unstable, a_upper.clamp(0, 1), exact),
+            unstable)
+
+
+class _Relaxation:
+    """Lines below and above one activation layer on its pre-activation box, for every sample.
+
+    The relaxed variable v is z itself (elementwise activations) or d = a - b per MaxMin pair."""
+
+    def __init__(self, act: nn.Module, lo: Tensor, hi: Tensor):
+        self.pairs = isinstance(act, MaxMin)
+        if self.pairs:
+            (la, lb), (ua, ub) = lo.chunk(2, dim=1), hi.chunk(2, dim=1)
+            lo = torch.nextafter(la - ub, torch.full_like(la, -math.inf))  # rounded outward
+            hi = torch.nextafter(ua - lb, torch.full_like(ua, math.inf))
+            theta = torch.full((), math.inf, dtype=lo.dtype)
+        elif isinstance(act, ClippedReLU):
+            theta = act.theta.detach().to(lo.dtype)
+        elif isinstance(act, (ReLU, nn.ReLU)):
+            theta = torch.full((), math.inf, dtype=lo.dtype)
+        else:
+            raise RelaxationNotApplicable(f"linear relaxation: activation {type(act).__name__} is not supported "
+                                          f"(ReLU, ClippedReLU and MaxMin are)")
+        self.lo, self.hi, self.theta = lo, hi, theta
+        self.a_lower, self.a_upper, self.unstable = _default_slopes(lo, hi, theta)
+        self.c_lower = _intercept(self.a_lower, lo, hi, theta, lower=True)
+        self.c_upper = _intercept(self.a_upper, lo, hi, theta, lower=False)
+
+    def back(self, nu: Tensor, idx: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """(mu, const, mag) per row: nu . act(z) >= mu . z + const for z in the box of sample idx;
+        mag: the magnitudes its rounding is relative to (module docstring). ``alpha``: lower
+        slopes per row for the unstable neurons (any value in [0, 1] is sound)."""
+        a_lo, c_lo = self.a_lower[idx], self.c_lower[idx]
+        if alpha is not None:
+            clamped = alpha + (alpha.clamp(0, 1) - alpha).detach()  # in [0, 1], gradient 1 at the ends too
+            a_lo = torch.where(self.unstable[idx], clamped, a_lo)
+            c_lo = _intercept(a_lo, self.lo[idx], self.hi[idx], self.theta, lower=True)
+        if self.pairs:
+            nu_max, nu_min = nu.chunk(2, dim=1)
+            w = nu_max - nu_min  # coefficient of relu(d): nu_max (b + relu(d)) + nu_min (a - relu(d))
+        else:
+            w = nu
+        w_pos, w_neg = w.clamp_min(0), w.clamp_max(0)
+        kappa = w_pos * a_lo + w_neg * self.a_upper[idx]
+        terms = w_pos * c_lo + w_neg * self.c_upper[idx]
+        mu = torch.cat([nu_min + kappa, nu_max - kappa], dim=1) if self.pairs else kappa
+        return mu, terms.flatten(1).sum(1), terms.abs().flatten(1).sum(1)
+
+
+class LinearRelaxation:
+    """The back-substitution of one network (float64 copy, per-layer rows W^T e_k and ||W||_F cached).
+
+    Valid while the model's weights do not change."""
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int]):
+        model = copy.deepcopy(model).double().eval()  # float64, and no graph through the weights
+        model.requires_grad_(False)
+        self.model = model
+        self.input_shape = tuple(input_shape)
+        self.ops, self.acts = network_layers(self.model, input_shape=self.input_shape)
+        for act in self.acts:
+            if not isinstance(act, (ReLU, nn.ReLU, ClippedReLU, MaxMin)):
+                raise RelaxationNotApplicable(f"linear relaxation: activation {type(act).__name__} is not supported "
+                                              f"(ReLU, ClippedReLU and MaxMin are)")
+        sizes = [math.prod(op.in_shape) + math.prod(op.out_shape) for op in self.ops]
+        self.gamma = _gamma(max(sizes) + 16)
+        self.max_numel = max(max(math.prod(op.in_shape), math.prod(op.out_shape)) for op in self.ops)
+        with torch.no_grad():
+            self.offsets = [op.forward(torch.zeros((1,) + tuple(op.in_shape), dtype=torch.float64))[0]
+                            for op in self.ops]
+            self.basis: List[Optional[Tensor]] = []
+            self.frobenius: List[float] = []
+            for op in self.ops:
+                basis, fro = self._unit_rows(op)
+                self.basis.append(basis)
+                self.frobenius.append(fro)
+
+    def _unit_rows(self, op) -> Tuple[Optional[Tensor], float]:
+        """W^T e_k for every output k (kept when small enough) and ||W||_F (from the smaller side)."""
+        n_in, n_out = math.prod(op.in_shape), math.prod(op.out_shape)
+        keep = n_in * n_out <= BASIS_MAX_ENTRIES
+        transpose_side = keep or n_out <= n_in
+        n, shape = (n_out, op.out_shape) if transpose_side else (n_in, op.in_shape)
+        step = max(1, BASIS_MAX_ENTRIES // max(n_in, n_out))
+        parts, sq = [], 0.0
+        for start in range(0, n, step):
+            eye = torch.eye(n, dtype=torch.float64)[start:start + step].view(-1, *shape)
+            part = op.transpose(eye) if transpose_side else op.linear(eye)
+            sq += float(part.square().sum())
+            if keep:
+                parts.append(part)
+        return (torch.cat(parts) if keep else None), math.sqrt(sq)
+
+    def _rows_of(self, l: int, neurons: Tensor) -> Tensor:
+        """W_l^T e_k for the given output indices k."""
+        if self.basis[l] is not None:
+            return self.basis[l][neurons]
+        op = self.ops[l]
+        eye = torch.zeros((neurons.numel(), math.prod(op.out_shape)), dtype=torch.float64)
+        eye[torch.arange(neurons.numel()), neurons] = 1.0
+        return op.transpose(eye.view(-1, *op.out_shape))
+
+    def _chunk(self) -> int:
+        return max(1, DEFAULT_MAX_BYTES // (48 * self.max_numel))
+
+    def _back(self, nu: Tensor, const: Tensor, mag: Tensor, idx: Tensor, top: int, relax: List[_Relaxation],
+              ctx: dict, alpha: Optional[List[Tensor]] = None) -> Tensor:
+        """Lower bound over the ball, per row, of nu . h_top + const (top = -1: nu . x' + const), rounding covered.
+
+        ``mag`` carries the magnitudes of the rounding so far; ``ctx``: x, eps, ||x||, ||z_l||max."""
+        for l in range(top, -1, -1):
+            mu, c, m = relax[l].back(nu, idx, None if alpha is None else alpha[l])
+            const = const + c
+            mag = mag + m + 2 * _norm(nu) * ctx["zmax"][l][idx] + const.abs()
+            nu, const, mag = self._through_op(l, mu, const, mag, idx, ctx)
+        x, eps = ctx["x"][idx], ctx["eps"][idx]
+        nu_norm = _norm(nu)
+        value = _dot(nu, x) + const - eps * nu_norm
+        mag = mag + nu_norm * (ctx["xnorm"][idx] + eps) + const.abs() + value.abs()
+        return value - 2 * self.gamma * mag
+
+    def _through_op(self, l: int, mu: Tensor, const: Tensor, mag: Tensor, idx: Tensor, ctx: dict):
+        """mu . z_l = (W_l^T mu) . h_{l-1} + mu . b_l, and the magnitudes of its rounding."""
+        b = self.offsets[l]
+        const = const + _dot(mu, b.unsqueeze(0))
+        mu_norm = _norm(mu)
+        h_max = ctx["xnorm"][idx] + ctx["eps"][idx] if l == 0 else ctx["zmax"][l - 1][idx]
+        mag = mag + mu_norm * (self.frobenius[l] * h_max + float(b.norm())) + const.abs()
+        return self.ops[l].transpose(mu), const, mag
+
+    def _context(self, x: Tensor, eps: Tensor) -> dict:
+        return {"x": x, "eps": eps, "xnorm": _norm(x), "zmax": []}
+
+    def _add_layer(self, ctx: dict, relax: List[_Relaxation], l: int, lo: Tensor, hi: Tensor) -> None:
+        """Relax layer l on its (final) box; record the norm bound of z_l and h_l on the ball."""
+        big = torch.maximum(lo.abs(), hi.abs())
+        if isinstance(self.acts[l], ClippedReLU):  # |clip(z, 0, theta)| <= max(|z|, -theta)
+            big = torch.maximum(big, (-self.acts[l].theta.detach().double()).clamp_min(0))
+        ctx["zmax"].append(_norm(big))
+        relax.append(_Relaxation(self.acts[l], lo, hi))
+
+    def bounds(self, x: Tensor, eps: Tensor, pre_bounds: Bounds) -> Tuple[Bounds, List[_Relaxation], dict]:
+        """Every hidden pre-activation box, tightened by back-substitution where the activation is not affine."""
+        ctx, relax, out = self._context(x, eps), [], []
+        for l, (lo, hi) in enumerate(pre_bounds):
+            lo, hi = lo.to(torch.float64), hi.to(torch.float64)
+            unstable = self._unstable(l, lo, hi)
+            sample, neuron = unstable.flatten(1).nonzero(as_tuple=True)
+            lower, upper = lo.flatten(1).clone(), hi.flatten(1).clone()
+            step = max(1, self._chunk() // 2)  # two rows (both signs) per neuron
+            for s in range(0, sample.numel(), step):
+                idx, k = sample[s:s + step], neuron[s:s + step]
+                rows = self._rows_of(l, k)
+                b = self.offsets[l].flatten()[k]
+                h_max = ctx["xnorm"][idx] + eps[idx] if l == 0 else ctx["zmax"][l - 1][idx]
+                mag = self.frobenius[l] * h_max + b.abs()
+                both = torch.cat([idx, idx])
+                value = self._back(torch.cat([rows, -rows]), torch.cat([b, -b]), torch.cat([mag, mag]), both,
+                                   l - 1, relax, ctx)
+                n = idx.numel()
+                lower[idx, k] = torch.maximum(lower[idx, k], value[:n])
+                upper[idx, k] = torch.minimum(upper[idx, k], -value[n:])
+            lo, hi = lower.view_as(lo), upper.view_as(hi)
+            out.append((lo, hi))
+            self._add_layer(ctx, relax, l, lo, hi)
+        return out, relax, ctx
+
+    def _unstable(self, l: int, lo: Tensor, hi: Tensor) -> Tensor:
+        """Neurons whose activation is not affine on the box (MaxMin: both members of an overlapping pair)."""
+        act = self.acts[l]
+        if isinstance(act, MaxMin):
+            (la, lb), (ua, ub) = lo.chunk(2, dim=1), hi.chunk(2, dim=1)
+            overlap = (la < ub) & (lb < ua)
+            return torch.cat([overlap, overlap], dim=1)
+        theta = act.theta.detach().double() if isinstance(act, ClippedReLU) else torch.tensor(math.inf)
+        return ((lo < 0) & (hi > 0)) | ((lo < theta) & (hi > theta))
+
+    def margins(self, x: Tensor, y: Tensor, eps: Tensor, pre_bounds: Bounds, alpha_steps: int = 0,
+                alpha_lr: float = 0.1) -> Tensor:
+        """[B, C] lower bounds of z_y - z_j over the ball (0 in column y)."""
+        with torch.no_grad():
+            _, relax, ctx = self.bounds(x, eps, pre_bounds)
+        last, top = self.ops[-1], len(self.ops) - 2
+        classes = math.prod(last.out_shape)
+        sample = torch.arange(x.shape[0]).repeat_interleave(classes)
+        other = torch.arange(classes).repeat(x.shape[0])
+        eye = torch.eye(classes, dtype=torch.float64)
+        result = torch.empty(sample.numel(), dtype=torch.float64)
+        h_max = ctx["xnorm"] + eps if top < 0 else ctx["zmax"][top]
+        for s in range(0, sample.numel(), self._chunk()):
+            idx = sample[s:s + self._chunk()]
+            c = eye[y[idx]] - eye[other[s:s + self._chunk()]]
+            const = _dot(c, self.offsets[-1].unsqueeze(0))
+            mag = _norm(c) * (self.frobenius[-1] * h_max[idx] + float(self.offsets[-1].norm())) + const.abs()
+            nu = last.transpose(c)
+            with torch.no_grad():
+                best = self._back(nu, const, mag, idx, top, relax, ctx)
+            if alpha_steps > 0 and top >= 0:
+                best = torch.maximum(best, self._alpha(nu, const, mag, idx, top, relax, ctx, alpha_steps, alpha_lr))
+            result[s:s + self._chunk()] = best
+        result = result.view(x.shape[0], classes)
+        return result.masked_fill(torch.nn.functional.one_hot(y, classes).bool(), 0.0)
+
+    def _alpha(self, nu, const, mag, idx, top, relax, ctx, steps: int, lr: float) -> Tensor:
+        """alpha-CROWN: lower slopes per row (margin) tuned by Adam on the bound, clamped to [0, 1].
+
+        Every evaluated bound is sound (any slope in [0, 1] with its intercept is a valid line);
+        the best per row is returned. Intermediate boxes stay as computed."""
+        with torch.enable_grad():  # the caller may run under no_grad
+            return self._tune(nu, const, mag, idx, top, relax, ctx, steps, lr)
+
+    def _tune(self, nu, const, mag, idx, top, relax, ctx, steps: int, lr: float) -> Tensor:
+        alpha = [r.a_lower[idx].clone().requires_grad_(True) for r in relax]
+        opt = torch.optim.Adam(alpha, lr=lr)
+        best = torch.full_like(const, -math.inf)
+        for _ in range(steps):
+            value = self._back(nu, const, mag, idx, top, relax, ctx, alpha)
+            best = torch.maximum(best, value.detach())
+            opt.zero_grad()
+            (-value.sum()).backward()
+            opt.step()
+            with torch.no_grad():
+                for a in alpha:
+                    a.clamp_(0, 1)
+        with torch.no_grad():
+            return torch.maximum(best, self._back(nu, const, mag, idx, top, relax, ctx, alpha))
+
+
+def _batch_eps(eps: Union[float, Tensor], batch: int) -> Tensor:
+    e = torch.as_tensor(eps, dtype=torch.float64)
+    e = e.expand(batch).clone() if e.dim() == 0 else e.clone()
+    if e.shape != (batch,) or not bool(torch.isfinite(e).all()) or bool((e < 0).any()):
+        raise ValueError(f"eps must be finite, >= 0, a scalar or one value per sample (batch {batch})")
+    return e
+
+
+def linear_relaxation_margins(model: nn.Module, x: Tensor, y: Tensor, eps: Union[float, Tensor], *,
+                              pre_bounds: Optional[Bounds] = None, alpha_steps: int = 0, alpha_lr: float = 0.1,
+                              network: Optional[LinearRelaxation] = None) -> Tensor:
+    """[B, C] float64 lower bounds of z_y - z_j over B(x_b, eps_b) for every j (0 in column y).
+
+    ``pre_bounds``: a box (lb, ub) of every hidden pre-activation on the ball to start from
+    (default: ``box_bound``'s IBP ∩ ball boxes). ``alpha_steps`` > 0 tunes the lower slopes
+    (alpha-CROWN). ``network``: a ``LinearRelaxation`` of the model to reuse across calls.
+    Raises ``RelaxationNotApplicable`` for activations it does not relax (ClippedMaxMin).
+    """
+    net = network or LinearRelaxation(model, tuple(x.shape[1:]))
+    x64 = x.detach().to(torch.float64)
+    eps_b = _batch_eps(eps, x.shape[0])
+    if pre_bounds is None:
+        from .localbound import box_bound
+        pre_bounds = box_bound(net.model, x64, eps_b).pre_bounds
+    if len(pre_bounds) != len(net.acts):
+        raise ValueError(f"pre_bounds has {len(pre_bounds)} layers, the network {len(net.acts)} hidden layers")
+    return net.margins(x64, y, eps_b, pre_bounds, alpha_steps, alpha_lr)

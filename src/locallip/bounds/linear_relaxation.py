@@ -67,8 +67,11 @@ def _norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1)
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).flatten(1).sum(1)
+def _rowdot(rows: Tensor, v: Tensor) -> Tensor:
+    """rows . v per row; v is one tensor for all rows ([1, ...]) or one per row."""
+    if v.shape[0] == 1:
+        return rows.flatten(1) @ v.flatten()
+    return (rows * v).flatten(1).sum(1)
 
 
 def _clip(z: Tensor, theta: Tensor) -> Tensor:
@@ -134,25 +137,35 @@ class _Relaxation:
         self.c_lower = _intercept(self.a_lower, lo, hi, theta, lower=True)
         self.c_upper = _intercept(self.a_upper, lo, hi, theta, lower=False)
 
-    def back(self, nu: Tensor, idx: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """(mu, const, mag) per row: nu . act(z) >= mu . z + const for z in the box of sample idx;
-        mag: the magnitudes its rounding is relative to (module docstring). ``alpha``: lower
-        slopes per row for the unstable neurons (any value in [0, 1] is sound)."""
-        a_lo, c_lo = self.a_lower[idx], self.c_lower[idx]
+        big = torch.maximum(self.c_lower.abs(), self.c_upper.abs())
+        self.c_norm = _norm(big)  # [B] ||max(|cL|, |cU|)||: sum |w c| <= ||w|| c_norm
+
+    def back(self, nu: Tensor, s: int, alpha: Optional[Tensor] = None,
+             support: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """(mu, const, mag) per row of sample s: nu . act(z) >= mu . z + const for z in the box;
+        mag: the magnitude its rounding is relative to (module docstring). ``alpha``: lower
+        slopes per row for the unstable neurons (any value in [0, 1] is sound). ``support``:
+        nu holds only these (flattened) coordinates, the others being 0 (elementwise layers)."""
+        def pick(t: Tensor) -> Tensor:
+            return t[s:s + 1] if support is None else t[s:s + 1].flatten(1)[:, support]
+        a_lo, a_up, c_lo, c_up, c_norm = (pick(self.a_lower), pick(self.a_upper), pick(self.c_lower),
+                                          pick(self.c_upper), self.c_norm[s])
         if alpha is not None:
             clamped = alpha + (alpha.clamp(0, 1) - alpha).detach()  # in [0, 1], gradient 1 at the ends too
-            a_lo = torch.where(self.unstable[idx], clamped, a_lo)
-            c_lo = _intercept(a_lo, self.lo[idx], self.hi[idx], self.theta, lower=True)
+            a_lo = torch.where(self.unstable[s:s + 1], clamped, a_lo)
+            c_lo = _intercept(a_lo, self.lo[s:s + 1].expand_as(a_lo), self.hi[s:s + 1].expand_as(a_lo),
+                              self.theta, lower=True)
+            c_norm = _norm(torch.maximum(c_lo.abs(), c_up.abs()))
         if self.pairs:
             nu_max, nu_min = nu.chunk(2, dim=1)
             w = nu_max - nu_min  # coefficient of relu(d): nu_max (b + relu(d)) + nu_min (a - relu(d))
         else:
             w = nu
-        w_pos, w_neg = w.clamp_min(0), w.clamp_max(0)
-        kappa = w_pos * a_lo + w_neg * self.a_upper[idx]
-        terms = w_pos * c_lo + w_neg * self.c_upper[idx]
+        neg = w.clamp_max(0)  # lower line where w > 0, upper line where w < 0
+        kappa = torch.addcmul(w * a_lo, neg, a_up - a_lo)
+        const = _rowdot(w, c_lo) + _rowdot(neg, c_up - c_lo)
         mu = torch.cat([nu_min + kappa, nu_max - kappa], dim=1) if self.pairs else kappa
-        return mu, terms.flatten(1).sum(1), terms.abs().flatten(1).sum(1)
+        return mu, const, 4 * _norm(w) * c_norm
 
 
 class LinearRelaxation:
@@ -176,12 +189,14 @@ class LinearRelaxation:
         with torch.no_grad():
             self.offsets = [op.forward(torch.zeros((1,) + tuple(op.in_shape), dtype=torch.float64))[0]
                             for op in self.ops]
+            self.offset_norms = [float(b.norm()) for b in self.offsets]
             self.basis: List[Optional[Tensor]] = []
             self.frobenius: List[float] = []
             for op in self.ops:
                 basis, fro = self._unit_rows(op)
                 self.basis.append(basis)
                 self.frobenius.append(fro)
+            self.sparse = self._support_groups()
 
     def _unit_rows(self, op) -> Tuple[Optional[Tensor], float]:
         """W^T e_k for every output k (kept when small enough) and ||W||_F (from the smaller side)."""
@@ -211,30 +226,31 @@ class LinearRelaxation:
     def _chunk(self) -> int:
         return max(1, DEFAULT_MAX_BYTES // (48 * self.max_numel))
 
-    def _back(self, nu: Tensor, const: Tensor, mag: Tensor, idx: Tensor, top: int, relax: List[_Relaxation],
+    def _back(self, nu: Tensor, const: Tensor, mag: Tensor, s: int, top: int, relax: List[_Relaxation],
               ctx: dict, alpha: Optional[List[Tensor]] = None) -> Tensor:
-        """Lower bound over the ball, per row, of nu . h_top + const (top = -1: nu . x' + const), rounding covered.
-
-        ``mag`` carries the magnitudes of the rounding so far; ``ctx``: x, eps, ||x||, ||z_l||max."""
+        """Lower bound over sample s's ball, per row, of nu . h_top + const (top = -1: nu . x' + const),
+        rounding covered. ``mag`` carries the magnitudes of the rounding so far; ``ctx``: x, eps, ||x||,
+        the bound of ||z_l|| on the ball."""
         for l in range(top, -1, -1):
-            mu, c, m = relax[l].back(nu, idx, None if alpha is None else alpha[l])
+            mu, c, m = relax[l].back(nu, s, None if alpha is None else alpha[l])
             const = const + c
-            mag = mag + m + 2 * _norm(nu) * ctx["zmax"][l][idx] + const.abs()
-            nu, const, mag = self._through_op(l, mu, const, mag, idx, ctx)
-        x, eps = ctx["x"][idx], ctx["eps"][idx]
-        nu_norm = _norm(nu)
-        value = _dot(nu, x) + const - eps * nu_norm
-        mag = mag + nu_norm * (ctx["xnorm"][idx] + eps) + const.abs() + value.abs()
+            mag = mag + m + 2 * _norm(nu) * ctx["zmax"][l][s] + const.abs()
+            nu, const, mag = self._through_op(l, mu, const, mag, s, ctx)
+        eps, nu_norm = ctx["eps"][s], _norm(nu)
+        value = _rowdot(nu, ctx["x"][s:s + 1]) + const - eps * nu_norm
+        mag = mag + nu_norm * (ctx["xnorm"][s] + eps) + const.abs() + value.abs()
         return value - 2 * self.gamma * mag
 
-    def _through_op(self, l: int, mu: Tensor, const: Tensor, mag: Tensor, idx: Tensor, ctx: dict):
+    def _through_op(self, l: int, mu: Tensor, const: Tensor, mag: Tensor, s: int, ctx: dict):
         """mu . z_l = (W_l^T mu) . h_{l-1} + mu . b_l, and the magnitudes of its rounding."""
-        b = self.offsets[l]
-        const = const + _dot(mu, b.unsqueeze(0))
-        mu_norm = _norm(mu)
-        h_max = ctx["xnorm"][idx] + ctx["eps"][idx] if l == 0 else ctx["zmax"][l - 1][idx]
-        mag = mag + mu_norm * (self.frobenius[l] * h_max + float(b.norm())) + const.abs()
+        const = const + _rowdot(mu, self.offsets[l].unsqueeze(0))
+        mag = mag + _norm(mu) * (self.frobenius[l] * self._h_max(l - 1, s, ctx) + self.offset_norms[l]) + const.abs()
         return self.ops[l].transpose(mu), const, mag
+
+    @staticmethod
+    def _h_max(l: int, s: int, ctx: dict) -> Tensor:
+        """A bound of ||h_l|| on sample s's ball (l = -1: the input)."""
+        return ctx["xnorm"][s] + ctx["eps"][s] if l < 0 else ctx["zmax"][l][s]
 
     def _context(self, x: Tensor, eps: Tensor) -> dict:
         return {"x": x, "eps": eps, "xnorm": _norm(x), "zmax": []}
@@ -247,27 +263,71 @@ class LinearRelaxation:
         ctx["zmax"].append(_norm(big))
         relax.append(_Relaxation(self.acts[l], lo, hi))
 
+    def _back_first(self, nu: Tensor, const: Tensor, mag: Tensor, s: int, relax: List[_Relaxation], ctx: dict,
+                    group: Tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """``_back`` from h_0 for rows supported on the coordinates S of h_0 (nu: [rows, |S|]), whose
+        W_0^T images are supported on the input coordinates T: ``group`` = (S, T, (W_0^T)[T, S]^T).
+        The same arithmetic as ``_back`` on the nonzero coordinates only (convolutions' receptive fields)."""
+        support, inputs, w0t = group
+        mu, c, m = relax[0].back(nu, s, support=support)
+        const = const + c
+        mag = mag + m + 2 * _norm(nu) * ctx["zmax"][0][s] + const.abs()
+        const = const + mu @ self.offsets[0].flatten()[support]
+        mag = mag + _norm(mu) * (self.frobenius[0] * self._h_max(-1, s, ctx) + self.offset_norms[0]) + const.abs()
+        nu = mu @ w0t
+        eps, nu_norm = ctx["eps"][s], _norm(nu)
+        value = nu @ ctx["x"][s].flatten()[inputs] + const - eps * nu_norm
+        mag = mag + nu_norm * (ctx["xnorm"][s] + eps) + const.abs() + value.abs()
+        return value - 2 * self.gamma * mag
+
+    def _support_groups(self) -> Optional[Tuple[Tensor, List[Tuple[Tensor, Tensor, Tensor]]]]:
+        """Layer 1's neurons grouped by the support of W_1^T e_k, each with its ``_back_first`` group;
+        None where it does not apply (a layer not kept explicitly, MaxMin pairs at layer 0)."""
+        if len(self.ops) < 3 or self.basis[0] is None or self.basis[1] is None or isinstance(self.acts[0], MaxMin):
+            return None
+        rows1, rows0 = self.basis[1].flatten(1), self.basis[0].flatten(1)
+        keys, member = torch.unique(rows1 != 0, dim=0, return_inverse=True)
+        groups = []
+        for key in keys:
+            support = key.nonzero().squeeze(1)
+            inputs = (rows0[support] != 0).any(0).nonzero().squeeze(1)
+            groups.append((support, inputs, rows0[support][:, inputs].contiguous()))
+        return member, groups
+
+    def _tighten_first(self, s: int, neurons: Tensor, lower: Tensor, upper: Tensor, relax, ctx) -> None:
+        """Layer 1's boxes of sample s by ``_back_first``, the neurons grouped by support."""
+        member, groups = self.sparse
+        offsets = self.offsets[1].flatten()
+        for g in member[neurons].unique().tolist():
+            k = neurons[member[neurons] == g]
+            rows, b = self.basis[1].flatten(1)[k][:, groups[g][0]], offsets[k]
+            mag = self.frobenius[1] * self._h_max(0, s, ctx) + b.abs()
+            value = self._back_first(torch.cat([rows, -rows]), torch.cat([b, -b]), torch.cat([mag, mag]), s, relax,
+                                     ctx, groups[g])
+            lower[s, k] = torch.maximum(lower[s, k], value[:k.numel()])
+            upper[s, k] = torch.minimum(upper[s, k], -value[k.numel():])
+
     def bounds(self, x: Tensor, eps: Tensor, pre_bounds: Bounds) -> Tuple[Bounds, List[_Relaxation], dict]:
         """Every hidden pre-activation box, tightened by back-substitution where the activation is not affine."""
         ctx, relax, out = self._context(x, eps), [], []
+        step = max(1, self._chunk() // 2)  # two rows (both signs) per neuron
         for l, (lo, hi) in enumerate(pre_bounds):
             lo, hi = lo.to(torch.float64), hi.to(torch.float64)
-            unstable = self._unstable(l, lo, hi)
-            sample, neuron = unstable.flatten(1).nonzero(as_tuple=True)
+            unstable = self._unstable(l, lo, hi).flatten(1)
             lower, upper = lo.flatten(1).clone(), hi.flatten(1).clone()
-            step = max(1, self._chunk() // 2)  # two rows (both signs) per neuron
-            for s in range(0, sample.numel(), step):
-                idx, k = sample[s:s + step], neuron[s:s + step]
-                rows = self._rows_of(l, k)
-                b = self.offsets[l].flatten()[k]
-                h_max = ctx["xnorm"][idx] + eps[idx] if l == 0 else ctx["zmax"][l - 1][idx]
-                mag = self.frobenius[l] * h_max + b.abs()
-                both = torch.cat([idx, idx])
-                value = self._back(torch.cat([rows, -rows]), torch.cat([b, -b]), torch.cat([mag, mag]), both,
-                                   l - 1, relax, ctx)
-                n = idx.numel()
-                lower[idx, k] = torch.maximum(lower[idx, k], value[:n])
-                upper[idx, k] = torch.minimum(upper[idx, k], -value[n:])
+            offsets = self.offsets[l].flatten()
+            for s in range(x.shape[0]):
+                neurons = unstable[s].nonzero().squeeze(1)
+                if l == 1 and self.sparse is not None:
+                    self._tighten_first(s, neurons, lower, upper, relax, ctx)
+                    continue
+                for k in neurons.split(step):
+                    rows, b = self._rows_of(l, k), offsets[k]
+                    mag = self.frobenius[l] * self._h_max(l - 1, s, ctx) + b.abs()
+                    value = self._back(torch.cat([rows, -rows]), torch.cat([b, -b]), torch.cat([mag, mag]), s,
+                                       l - 1, relax, ctx)
+                    lower[s, k] = torch.maximum(lower[s, k], value[:k.numel()])
+                    upper[s, k] = torch.minimum(upper[s, k], -value[k.numel():])
             lo, hi = lower.view_as(lo), upper.view_as(hi)
             out.append((lo, hi))
             self._add_layer(ctx, relax, l, lo, hi)
@@ -289,49 +349,42 @@ class LinearRelaxation:
         with torch.no_grad():
             _, relax, ctx = self.bounds(x, eps, pre_bounds)
         last, top = self.ops[-1], len(self.ops) - 2
-        classes = math.prod(last.out_shape)
-        sample = torch.arange(x.shape[0]).repeat_interleave(classes)
-        other = torch.arange(classes).repeat(x.shape[0])
-        eye = torch.eye(classes, dtype=torch.float64)
-        result = torch.empty(sample.numel(), dtype=torch.float64)
-        h_max = ctx["xnorm"] + eps if top < 0 else ctx["zmax"][top]
-        for s in range(0, sample.numel(), self._chunk()):
-            idx = sample[s:s + self._chunk()]
-            c = eye[y[idx]] - eye[other[s:s + self._chunk()]]
-            const = _dot(c, self.offsets[-1].unsqueeze(0))
-            mag = _norm(c) * (self.frobenius[-1] * h_max[idx] + float(self.offsets[-1].norm())) + const.abs()
-            nu = last.transpose(c)
+        eye = torch.eye(math.prod(last.out_shape), dtype=torch.float64)
+        result = []
+        for s in range(x.shape[0]):
+            c = eye[y[s]].unsqueeze(0) - eye  # row j: e_y - e_j
             with torch.no_grad():
-                best = self._back(nu, const, mag, idx, top, relax, ctx)
+                const = _rowdot(c, self.offsets[-1].unsqueeze(0))
+                mag = _norm(c) * (self.frobenius[-1] * self._h_max(top, s, ctx) + self.offset_norms[-1]) + const.abs()
+                nu = last.transpose(c)
+                best = self._back(nu, const, mag, s, top, relax, ctx)
             if alpha_steps > 0 and top >= 0:
-                best = torch.maximum(best, self._alpha(nu, const, mag, idx, top, relax, ctx, alpha_steps, alpha_lr))
-            result[s:s + self._chunk()] = best
-        result = result.view(x.shape[0], classes)
-        return result.masked_fill(torch.nn.functional.one_hot(y, classes).bool(), 0.0)
+                best = torch.maximum(best, self._alpha(nu, const, mag, s, top, relax, ctx, alpha_steps, alpha_lr))
+            result.append(best)
+        out = torch.stack(result)
+        return out.masked_fill(torch.nn.functional.one_hot(y, out.shape[1]).bool(), 0.0)
 
-    def _alpha(self, nu, const, mag, idx, top, relax, ctx, steps: int, lr: float) -> Tensor:
-        """alpha-CROWN: lower slopes per row (margin) tuned by Adam on the bound, clamped to [0, 1].
+    def _alpha(self, nu, const, mag, s: int, top: int, relax, ctx, steps: int, lr: float) -> Tensor:
+        """alpha-CROWN: lower slopes per row (margin) tuned by Adam on the bound, kept in [0, 1].
 
         Every evaluated bound is sound (any slope in [0, 1] with its intercept is a valid line);
         the best per row is returned. Intermediate boxes stay as computed."""
         with torch.enable_grad():  # the caller may run under no_grad
-            return self._tune(nu, const, mag, idx, top, relax, ctx, steps, lr)
-
-    def _tune(self, nu, const, mag, idx, top, relax, ctx, steps: int, lr: float) -> Tensor:
-        alpha = [r.a_lower[idx].clone().requires_grad_(True) for r in relax]
-        opt = torch.optim.Adam(alpha, lr=lr)
-        best = torch.full_like(const, -math.inf)
-        for _ in range(steps):
-            value = self._back(nu, const, mag, idx, top, relax, ctx, alpha)
-            best = torch.maximum(best, value.detach())
-            opt.zero_grad()
-            (-value.sum()).backward()
-            opt.step()
-            with torch.no_grad():
-                for a in alpha:
-                    a.clamp_(0, 1)
+            alpha = [r.a_lower[s:s + 1].expand(nu.shape[0], *r.a_lower.shape[1:]).clone().requires_grad_(True)
+                     for r in relax]
+            opt = torch.optim.Adam(alpha, lr=lr)
+            best = torch.full_like(const, -math.inf)
+            for _ in range(steps):
+                value = self._back(nu, const, mag, s, top, relax, ctx, alpha)
+                best = torch.maximum(best, value.detach())
+                opt.zero_grad()
+                (-value.sum()).backward()
+                opt.step()
+                with torch.no_grad():
+                    for a in alpha:
+                        a.clamp_(0, 1)
         with torch.no_grad():
-            return torch.maximum(best, self._back(nu, const, mag, idx, top, relax, ctx, alpha))
+            return torch.maximum(best, self._back(nu, const, mag, s, top, relax, ctx, alpha))
 
 
 def _batch_eps(eps: Union[float, Tensor], batch: int) -> Tensor:

@@ -1,38 +1,32 @@
 """Linear relaxation (CROWN, Zhang et al. 2018) of the logit margins over an l2 ball, per sample.
 
 Notation as in ``operators``: h_{-1} = x', z_l = W_l h_{l-1} + b_l, h_l = act_l(z_l), logits z_L.
-Given a box [lo_l, hi_l] of every hidden pre-activation on B(x, eps), each activation is
-enclosed between two lines per neuron, ``aL z + cL <= act(z) <= aU z + cU`` on its box.
-A lower bound of nu . h_l then follows neuron by neuron (lower line where nu > 0, upper
-line where nu < 0), which is linear in z_l = W_l h_{l-1} + b_l, and so on down to the
-input, where min over ||x' - x|| <= eps of nu . x' + d is nu . x + d - eps ||nu||_2.
+Given a box [lo_l, hi_l] of every hidden pre-activation on B(x, eps), each activation lies
+between two lines per neuron, aL z + cL <= act(z) <= aU z + cU on its box (``relaxations``).
+A lower bound of nu . h_l follows neuron by neuron (lower line where nu > 0, upper line where
+nu < 0); it is linear in z_l = W_l h_{l-1} + b_l, and so on down to the input, where the
+minimum over ||x' - x|| <= eps of nu . x' + d is nu . x + d - eps ||nu||_2.
 
-* Relaxations. ReLU and the clipped ReLU clip(z, 0, theta) are piecewise linear with kinks
-  at 0 and theta: a line with slope a lies below them on [lo, hi] iff it lies below them at
-  lo, hi and the kinks inside, so each intercept is the min (max) of f(p) - a p over those
-  points. Any slope gives a valid line; the slopes are CROWN's (chords, and 0 or 1 for the
-  lower side of a ReLU), and alpha-CROWN tunes the lower ones. MaxMin sorts pairs:
-  max(a, b) = b + relu(a - b) and min(a, b) = a - relu(a - b), so relaxing relu(d) on the
-  box of d = a - b relaxes both outputs. ClippedMaxMin is not handled
-  (``RelaxationNotApplicable``).
-* Pre-activation boxes start from the given ones (e.g. IBP ∩ ball, ``LocalBound.pre_bounds``)
-  and are tightened layer by layer by the same back-substitution with z_l's unit vectors as
-  objective, only for the neurons whose activation is not affine on the box (the others are
-  relaxed exactly). The result is the intersection, so never looser than the start.
-* Rounding (float64, u = 2^-53). Every intercept is rounded outward (slack 4u(|f(p)| + |a p|),
-  0 where f(p) - a p is exact). The back-substitution is exact up to: each W^T mu (error
-  <= gamma_n |W|^T |mu|, whose product with h_{l-1} is <= gamma_n ||W||_F ||mu|| ||h_{l-1}||max),
-  each mu . b, each product of a coefficient by a slope (<= 5u relative, slopes in [0, 1]) times
-  ||z||max, the constants' sums and the final concretization. Each is at most gamma_N times one
-  term of ``mag`` (N: the largest fan-in plus fan-out of a layer, plus 16); the bound returned is
-  value - 2 gamma_N mag, the factor 2 covering the rounding of ``mag`` itself. ||h_l|| <= ||z_l||
-  on the box for these activations (|clip(z)| <= |z|, sorting a pair keeps its norm). Affine
-  offsets are op.forward(0): exact without a Normalize; with one, the model's own evaluation of
-  W(-mean/std) + b, which every step of the cascade takes as the network's definition.
-  Matrix products are assumed to be sums of products in some order (no fast algorithms).
-* Cost per point: one backward pass per unstable neuron and sign (2 rows), plus C rows for the
-  margins; a row through layer l costs one W_l^T. Rows are batched over the samples in chunks
-  of at most ``max_bytes`` (a row holds ~6 tensors of the largest layer's size, float64).
+* Boxes start from the given ones (e.g. IBP ∩ ball, ``LocalBound.pre_bounds``) and are tightened
+  layer by layer by the same back-substitution with +-e_k as objective, only for the neurons
+  whose activation is not affine on the box (the others are relaxed exactly); the result is the
+  intersection, never looser than the start. The margins are also never below interval
+  arithmetic on the tightened box of h_{L-1}.
+* Rounding (float64, u = 2^-53). The back-substitution is exact up to: each W^T mu (error
+  <= gamma_n |W|^T |mu|; its product with h_{l-1} is <= gamma_n ||W||_F ||mu|| max ||h_{l-1}||),
+  each mu . b, each coefficient times slope (<= 5u relative, slopes in [0, 1]) against max ||z||,
+  each sum of intercept terms (<= ||w|| ||max(|cL|, |cU|)||), the constants' additions and the
+  final concretization. Each is at most gamma_N times one term of ``mag`` (N: the largest fan-in
+  plus fan-out of a layer, plus 16); the bound returned is value - 2 gamma_N mag, the factor 2
+  covering the rounding of ``mag`` itself. ||h_l|| <= ||z_l|| for these activations (|clip(z)| <=
+  |z|; sorting a pair keeps its norm). Offsets are op.forward(0): exact without a Normalize; with
+  one, the model's own evaluation of W(-mean/std) + b, which the whole cascade takes as the
+  network. Products are assumed to be sums of products in some order (no fast algorithms).
+* Cost per point, per layer l: 2 rows per unstable neuron (both signs), each a back-substitution
+  through layers l-1..0; C rows for the margins. Layer 1's rows stay on their receptive fields
+  (the support of W_1^T e_k and of its image under W_0^T), so a convolution costs what its
+  kernel covers, not the whole feature map. Rows run per sample, in chunks of at most
+  ``DEFAULT_MAX_BYTES`` (a row holds ~6 tensors of the largest layer's size in float64).
 """
 from __future__ import annotations
 
@@ -43,8 +37,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..nn.activations import ClippedReLU, MaxMin, ReLU
+from ..nn.activations import ClippedReLU, MaxMin
+from .localbound import box_bound
+from .margins import local_margins
 from .operators import network_layers
+from .relaxations import (Relaxation, RelaxationNotApplicable, _norm, _rowdot, check_supported,  # noqa: F401
+                          unstable_neurons)
 
 Tensor = torch.Tensor
 Bounds = List[Tuple[Tensor, Tensor]]
@@ -55,117 +53,8 @@ DEFAULT_MAX_BYTES = 256 * 2 ** 20
 BASIS_MAX_ENTRIES = 2 ** 23
 
 
-class RelaxationNotApplicable(NotImplementedError):
-    """The network has a layer the linear relaxation does not handle: the step does not apply."""
-
-
 def _gamma(n: int) -> float:
     return n * _U / (1 - n * _U)
-
-
-def _norm(t: Tensor) -> Tensor:
-    return t.flatten(1).norm(dim=1)
-
-
-def _rowdot(rows: Tensor, v: Tensor) -> Tensor:
-    """rows . v per row; v is one tensor for all rows ([1, ...]) or one per row."""
-    if v.shape[0] == 1:
-        return rows.flatten(1) @ v.flatten()
-    return (rows * v).flatten(1).sum(1)
-
-
-def _clip(z: Tensor, theta: Tensor) -> Tensor:
-    return torch.minimum(torch.relu(z), theta)
-
-
-def _intercept(slope: Tensor, lo: Tensor, hi: Tensor, theta: Tensor, lower: bool) -> Tensor:
-    """min (lower) / max (upper) over lo, hi and the kinks 0, theta inside of f(p) - slope p,
-    f = clip(., 0, theta), rounded outward: the line slope z + intercept is below (above) f on [lo, hi]."""
-    def inside(k):
-        return torch.where((lo < k) & (k < hi), k, lo)
-    pts = torch.stack([lo, hi, inside(torch.zeros_like(lo)), inside(theta.expand_as(lo))], -1)
-    fp = _clip(pts, theta.unsqueeze(-1))
-    ap = slope.unsqueeze(-1) * pts
-    exact = (slope == 0).unsqueeze(-1) | ((slope == 1).unsqueeze(-1) & ((fp == pts) | (fp == 0)))
-    slack = torch.where(exact, torch.zeros_like(fp), 4 * _U * (fp.abs() + ap.abs()))
-    v = fp - ap
-    return (v - slack).amin(-1) if lower else (v + slack).amax(-1)
-
-
-def _safe_div(a: Tensor, b: Tensor) -> Tensor:
-    return a / torch.where(b > 0, b, torch.ones_like(b))
-
-
-def _default_slopes(lo: Tensor, hi: Tensor, theta: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(lower slope, upper slope, unstable) of CROWN for clip(z, 0, theta) on [lo, hi] (theta = inf: ReLU).
-
-    Stable neurons (off, saturated, linear) get their exact slope 0 or 1."""
-    theta = theta.expand_as(lo)
-    linear = (lo >= 0) & (hi <= theta)
-    unstable = ~((hi <= 0) | (lo >= theta) | linear)
-    p0, p1 = lo.clamp_min(0), torch.minimum(hi, theta)
-    a_lower = _safe_div(_clip(hi, theta) - _clip(p0, theta), hi - p0)
-    a_lower = torch.where((lo < 0) & (-lo > hi), torch.zeros_like(lo), a_lower)
-    a_upper = _safe_div(_clip(p1, theta) - _clip(lo, theta), p1 - lo)
-    a_upper = torch.where((hi > theta) & (hi - theta > theta - lo), torch.zeros_like(lo), a_upper)
-    exact = linear.to(lo.dtype)
-    return (torch.where(unstable, a_lower.clamp(0, 1), exact), torch.where(unstable, a_upper.clamp(0, 1), exact),
-            unstable)
-
-
-class _Relaxation:
-    """Lines below and above one activation layer on its pre-activation box, for every sample.
-
-    The relaxed variable v is z itself (elementwise activations) or d = a - b per MaxMin pair."""
-
-    def __init__(self, act: nn.Module, lo: Tensor, hi: Tensor):
-        self.pairs = isinstance(act, MaxMin)
-        if self.pairs:
-            (la, lb), (ua, ub) = lo.chunk(2, dim=1), hi.chunk(2, dim=1)
-            lo = torch.nextafter(la - ub, torch.full_like(la, -math.inf))  # rounded outward
-            hi = torch.nextafter(ua - lb, torch.full_like(ua, math.inf))
-            theta = torch.full((), math.inf, dtype=lo.dtype)
-        elif isinstance(act, ClippedReLU):
-            theta = act.theta.detach().to(lo.dtype)
-        elif isinstance(act, (ReLU, nn.ReLU)):
-            theta = torch.full((), math.inf, dtype=lo.dtype)
-        else:
-            raise RelaxationNotApplicable(f"linear relaxation: activation {type(act).__name__} is not supported "
-                                          f"(ReLU, ClippedReLU and MaxMin are)")
-        self.lo, self.hi, self.theta = lo, hi, theta
-        self.a_lower, self.a_upper, self.unstable = _default_slopes(lo, hi, theta)
-        self.c_lower = _intercept(self.a_lower, lo, hi, theta, lower=True)
-        self.c_upper = _intercept(self.a_upper, lo, hi, theta, lower=False)
-
-        big = torch.maximum(self.c_lower.abs(), self.c_upper.abs())
-        self.c_norm = _norm(big)  # [B] ||max(|cL|, |cU|)||: sum |w c| <= ||w|| c_norm
-
-    def back(self, nu: Tensor, s: int, alpha: Optional[Tensor] = None,
-             support: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """(mu, const, mag) per row of sample s: nu . act(z) >= mu . z + const for z in the box;
-        mag: the magnitude its rounding is relative to (module docstring). ``alpha``: lower
-        slopes per row for the unstable neurons (any value in [0, 1] is sound). ``support``:
-        nu holds only these (flattened) coordinates, the others being 0 (elementwise layers)."""
-        def pick(t: Tensor) -> Tensor:
-            return t[s:s + 1] if support is None else t[s:s + 1].flatten(1)[:, support]
-        a_lo, a_up, c_lo, c_up, c_norm = (pick(self.a_lower), pick(self.a_upper), pick(self.c_lower),
-                                          pick(self.c_upper), self.c_norm[s])
-        if alpha is not None:
-            clamped = alpha + (alpha.clamp(0, 1) - alpha).detach()  # in [0, 1], gradient 1 at the ends too
-            a_lo = torch.where(self.unstable[s:s + 1], clamped, a_lo)
-            c_lo = _intercept(a_lo, self.lo[s:s + 1].expand_as(a_lo), self.hi[s:s + 1].expand_as(a_lo),
-                              self.theta, lower=True)
-            c_norm = _norm(torch.maximum(c_lo.abs(), c_up.abs()))
-        if self.pairs:
-            nu_max, nu_min = nu.chunk(2, dim=1)
-            w = nu_max - nu_min  # coefficient of relu(d): nu_max (b + relu(d)) + nu_min (a - relu(d))
-        else:
-            w = nu
-        neg = w.clamp_max(0)  # lower line where w > 0, upper line where w < 0
-        kappa = torch.addcmul(w * a_lo, neg, a_up - a_lo)
-        const = _rowdot(w, c_lo) + _rowdot(neg, c_up - c_lo)
-        mu = torch.cat([nu_min + kappa, nu_max - kappa], dim=1) if self.pairs else kappa
-        return mu, const, 4 * _norm(w) * c_norm
 
 
 class LinearRelaxation:
@@ -180,9 +69,7 @@ class LinearRelaxation:
         self.input_shape = tuple(input_shape)
         self.ops, self.acts = network_layers(self.model, input_shape=self.input_shape)
         for act in self.acts:
-            if not isinstance(act, (ReLU, nn.ReLU, ClippedReLU, MaxMin)):
-                raise RelaxationNotApplicable(f"linear relaxation: activation {type(act).__name__} is not supported "
-                                              f"(ReLU, ClippedReLU and MaxMin are)")
+            check_supported(act)
         sizes = [math.prod(op.in_shape) + math.prod(op.out_shape) for op in self.ops]
         self.gamma = _gamma(max(sizes) + 16)
         self.max_numel = max(max(math.prod(op.in_shape), math.prod(op.out_shape)) for op in self.ops)
@@ -226,7 +113,7 @@ class LinearRelaxation:
     def _chunk(self) -> int:
         return max(1, DEFAULT_MAX_BYTES // (48 * self.max_numel))
 
-    def _back(self, nu: Tensor, const: Tensor, mag: Tensor, s: int, top: int, relax: List[_Relaxation],
+    def _back(self, nu: Tensor, const: Tensor, mag: Tensor, s: int, top: int, relax: List[Relaxation],
               ctx: dict, alpha: Optional[List[Tensor]] = None) -> Tensor:
         """Lower bound over sample s's ball, per row, of nu . h_top + const (top = -1: nu . x' + const),
         rounding covered. ``mag`` carries the magnitudes of the rounding so far; ``ctx``: x, eps, ||x||,
@@ -255,15 +142,15 @@ class LinearRelaxation:
     def _context(self, x: Tensor, eps: Tensor) -> dict:
         return {"x": x, "eps": eps, "xnorm": _norm(x), "zmax": []}
 
-    def _add_layer(self, ctx: dict, relax: List[_Relaxation], l: int, lo: Tensor, hi: Tensor) -> None:
+    def _add_layer(self, ctx: dict, relax: List[Relaxation], l: int, lo: Tensor, hi: Tensor) -> None:
         """Relax layer l on its (final) box; record the norm bound of z_l and h_l on the ball."""
         big = torch.maximum(lo.abs(), hi.abs())
         if isinstance(self.acts[l], ClippedReLU):  # |clip(z, 0, theta)| <= max(|z|, -theta)
             big = torch.maximum(big, (-self.acts[l].theta.detach().double()).clamp_min(0))
         ctx["zmax"].append(_norm(big))
-        relax.append(_Relaxation(self.acts[l], lo, hi))
+        relax.append(Relaxation(self.acts[l], lo, hi))
 
-    def _back_first(self, nu: Tensor, const: Tensor, mag: Tensor, s: int, relax: List[_Relaxation], ctx: dict,
+    def _back_first(self, nu: Tensor, const: Tensor, mag: Tensor, s: int, relax: List[Relaxation], ctx: dict,
                     group: Tuple[Tensor, Tensor, Tensor]) -> Tensor:
         """``_back`` from h_0 for rows supported on the coordinates S of h_0 (nu: [rows, |S|]), whose
         W_0^T images are supported on the input coordinates T: ``group`` = (S, T, (W_0^T)[T, S]^T).
@@ -307,13 +194,13 @@ class LinearRelaxation:
             lower[s, k] = torch.maximum(lower[s, k], value[:k.numel()])
             upper[s, k] = torch.minimum(upper[s, k], -value[k.numel():])
 
-    def bounds(self, x: Tensor, eps: Tensor, pre_bounds: Bounds) -> Tuple[Bounds, List[_Relaxation], dict]:
+    def bounds(self, x: Tensor, eps: Tensor, pre_bounds: Bounds) -> Tuple[Bounds, List[Relaxation], dict]:
         """Every hidden pre-activation box, tightened by back-substitution where the activation is not affine."""
         ctx, relax, out = self._context(x, eps), [], []
         step = max(1, self._chunk() // 2)  # two rows (both signs) per neuron
         for l, (lo, hi) in enumerate(pre_bounds):
             lo, hi = lo.to(torch.float64), hi.to(torch.float64)
-            unstable = self._unstable(l, lo, hi).flatten(1)
+            unstable = unstable_neurons(self.acts[l], lo, hi).flatten(1)
             lower, upper = lo.flatten(1).clone(), hi.flatten(1).clone()
             offsets = self.offsets[l].flatten()
             for s in range(x.shape[0]):
@@ -333,21 +220,12 @@ class LinearRelaxation:
             self._add_layer(ctx, relax, l, lo, hi)
         return out, relax, ctx
 
-    def _unstable(self, l: int, lo: Tensor, hi: Tensor) -> Tensor:
-        """Neurons whose activation is not affine on the box (MaxMin: both members of an overlapping pair)."""
-        act = self.acts[l]
-        if isinstance(act, MaxMin):
-            (la, lb), (ua, ub) = lo.chunk(2, dim=1), hi.chunk(2, dim=1)
-            overlap = (la < ub) & (lb < ua)
-            return torch.cat([overlap, overlap], dim=1)
-        theta = act.theta.detach().double() if isinstance(act, ClippedReLU) else torch.tensor(math.inf)
-        return ((lo < 0) & (hi > 0)) | ((lo < theta) & (hi > theta))
-
     def margins(self, x: Tensor, y: Tensor, eps: Tensor, pre_bounds: Bounds, alpha_steps: int = 0,
                 alpha_lr: float = 0.1) -> Tensor:
         """[B, C] lower bounds of z_y - z_j over the ball (0 in column y)."""
         with torch.no_grad():
-            _, relax, ctx = self.bounds(x, eps, pre_bounds)
+            boxes, relax, ctx = self.bounds(x, eps, pre_bounds)
+            h_box = self._penultimate_box(x, eps, boxes)
         last, top = self.ops[-1], len(self.ops) - 2
         eye = torch.eye(math.prod(last.out_shape), dtype=torch.float64)
         result = []
@@ -357,12 +235,30 @@ class LinearRelaxation:
                 const = _rowdot(c, self.offsets[-1].unsqueeze(0))
                 mag = _norm(c) * (self.frobenius[-1] * self._h_max(top, s, ctx) + self.offset_norms[-1]) + const.abs()
                 nu = last.transpose(c)
-                best = self._back(nu, const, mag, s, top, relax, ctx)
+                best = torch.maximum(self._back(nu, const, mag, s, top, relax, ctx),
+                                     self._interval(nu, const, mag, h_box[0][s:s + 1], h_box[1][s:s + 1]))
             if alpha_steps > 0 and top >= 0:
                 best = torch.maximum(best, self._alpha(nu, const, mag, s, top, relax, ctx, alpha_steps, alpha_lr))
             result.append(best)
         out = torch.stack(result)
         return out.masked_fill(torch.nn.functional.one_hot(y, out.shape[1]).bool(), 0.0)
+
+    def _penultimate_box(self, x: Tensor, eps: Tensor, boxes: Bounds) -> Tuple[Tensor, Tensor]:
+        """The box of h_{L-1} on the ball: the last hidden layer's activation interval (the input's box without one)."""
+        if not boxes:
+            r = eps.view(-1, *([1] * (x.dim() - 1)))
+            return x - r, x + r
+        (lo, hi), act = boxes[-1], self.acts[-1]
+        if isinstance(act, nn.ReLU):
+            return torch.relu(lo), torch.relu(hi)
+        return act.interval(lo, hi)
+
+    def _interval(self, nu: Tensor, const: Tensor, mag: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """Interval bound nu . h + const >= sum min(nu lo, nu hi) + const on the (tightened) box of h: so the
+        margins are never looser than IBP on the boxes. Rounding as in ``_back`` (|h| <= max(|lo|, |hi|))."""
+        value = torch.minimum(nu * lo, nu * hi).flatten(1).sum(1) + const
+        h_max = _norm(torch.maximum(lo.abs(), hi.abs()))
+        return value - 2 * self.gamma * (mag + _norm(nu) * h_max + value.abs())
 
     def _alpha(self, nu, const, mag, s: int, top: int, relax, ctx, steps: int, lr: float) -> Tensor:
         """alpha-CROWN: lower slopes per row (margin) tuned by Adam on the bound, kept in [0, 1].
@@ -396,21 +292,29 @@ def _batch_eps(eps: Union[float, Tensor], batch: int) -> Tensor:
 
 
 def linear_relaxation_margins(model: nn.Module, x: Tensor, y: Tensor, eps: Union[float, Tensor], *,
-                              pre_bounds: Optional[Bounds] = None, alpha_steps: int = 0, alpha_lr: float = 0.1,
-                              network: Optional[LinearRelaxation] = None) -> Tensor:
+                              start=None, pre_bounds: Optional[Bounds] = None, alpha_steps: int = 0,
+                              alpha_lr: float = 0.1, network: Optional[LinearRelaxation] = None) -> Tensor:
     """[B, C] float64 lower bounds of z_y - z_j over B(x_b, eps_b) for every j (0 in column y).
 
-    ``pre_bounds``: a box (lb, ub) of every hidden pre-activation on the ball to start from
-    (default: ``box_bound``'s IBP ∩ ball boxes). ``alpha_steps`` > 0 tunes the lower slopes
-    (alpha-CROWN). ``network``: a ``LinearRelaxation`` of the model to reuse across calls.
-    Raises ``RelaxationNotApplicable`` for activations it does not relax (ClippedMaxMin).
+    Starts from the boxes of ``start`` (a ``LocalBound`` of x at eps: ``box_bound`` or ``local_bound``)
+    and is then never below its ``local_margins`` (taken as computed: they carry no rounding allowance
+    of their own, as in the cascade); or from ``pre_bounds`` (a box (lb, ub) of every hidden
+    pre-activation on the ball), never below IBP on those boxes up to the rounding allowance.
+    Neither given: ``box_bound``'s boxes, without its margins (every value rounding-covered).
+    ``alpha_steps`` > 0 tunes the lower slopes (alpha-CROWN). ``network``: a ``LinearRelaxation`` of
+    the model to reuse. Raises ``RelaxationNotApplicable`` for activations it does not relax.
     """
     net = network or LinearRelaxation(model, tuple(x.shape[1:]))
     x64 = x.detach().to(torch.float64)
     eps_b = _batch_eps(eps, x.shape[0])
-    if pre_bounds is None:
-        from .localbound import box_bound
+    if start is None and pre_bounds is None:
         pre_bounds = box_bound(net.model, x64, eps_b).pre_bounds
-    if len(pre_bounds) != len(net.acts):
-        raise ValueError(f"pre_bounds has {len(pre_bounds)} layers, the network {len(net.acts)} hidden layers")
-    return net.margins(x64, y, eps_b, pre_bounds, alpha_steps, alpha_lr)
+    boxes = start.pre_bounds if start is not None else pre_bounds
+    if len(boxes) != len(net.acts):
+        raise ValueError(f"pre_bounds has {len(boxes)} layers, the network {len(net.acts)} hidden layers")
+    out = net.margins(x64, y, eps_b, boxes, alpha_steps, alpha_lr)
+    if start is not None:
+        with torch.no_grad():
+            own = net.model if start.features.dtype == torch.float64 else model  # local_margins in start's dtype
+            out = torch.maximum(out, local_margins(own, start, y).to(torch.float64))
+    return out

@@ -167,27 +167,32 @@ class LinearRelaxation:
         mag = mag + nu_norm * (ctx["xnorm"][s] + eps) + const.abs() + value.abs()
         return value - 2 * self.gamma * mag
 
-    def _support_groups(self) -> Optional[Tuple[Tensor, List[Tuple[Tensor, Tensor, Tensor]]]]:
-        """Layer 1's neurons grouped by the support of W_1^T e_k, each with its ``_back_first`` group;
-        None where it does not apply (a layer not kept explicitly, MaxMin pairs at layer 0)."""
+    def _support_groups(self) -> Optional[Tuple[Tensor, Tensor, List[Tuple[Tensor, Tensor, Tensor]]]]:
+        """Layer 1's neurons grouped by the support of W_1^T e_k: (group of each neuron, each neuron's
+        row on its support, each group's ``_back_first`` data); None where it does not apply (a layer
+        not kept explicitly, MaxMin pairs at layer 0)."""
         if len(self.ops) < 3 or self.basis[0] is None or self.basis[1] is None or isinstance(self.acts[0], MaxMin):
             return None
         rows1, rows0 = self.basis[1].flatten(1), self.basis[0].flatten(1)
         keys, member = torch.unique(rows1 != 0, dim=0, return_inverse=True)
         groups = []
-        for key in keys:
+        compact = torch.zeros(rows1.shape[0], int(keys.sum(1).max()), dtype=torch.float64)
+        for g, key in enumerate(keys):
             support = key.nonzero().squeeze(1)
             inputs = (rows0[support] != 0).any(0).nonzero().squeeze(1)
             groups.append((support, inputs, rows0[support][:, inputs].contiguous()))
-        return member, groups
+            compact[member == g, :support.numel()] = rows1[member == g][:, support]
+        return member, compact, groups
 
     def _tighten_first(self, s: int, neurons: Tensor, lower: Tensor, upper: Tensor, relax, ctx) -> None:
         """Layer 1's boxes of sample s by ``_back_first``, the neurons grouped by support."""
-        member, groups = self.sparse
+        member, compact, groups = self.sparse
         offsets = self.offsets[1].flatten()
-        for g in member[neurons].unique().tolist():
-            k = neurons[member[neurons] == g]
-            rows, b = self.basis[1].flatten(1)[k][:, groups[g][0]], offsets[k]
+        group_of = member[neurons]
+        order = torch.argsort(group_of, stable=True)
+        ids, counts = torch.unique_consecutive(group_of[order], return_counts=True)
+        for g, k in zip(ids.tolist(), neurons[order].split(counts.tolist())):
+            rows, b = compact[k, :groups[g][0].numel()], offsets[k]
             mag = self.frobenius[1] * self._h_max(0, s, ctx) + b.abs()
             value = self._back_first(torch.cat([rows, -rows]), torch.cat([b, -b]), torch.cat([mag, mag]), s, relax,
                                      ctx, groups[g])

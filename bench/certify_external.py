@@ -15,6 +15,7 @@ Each is certified in float64 at radii 0.1 / 0.3 / 0.5 by
   (c) the cascade followed by the linear relaxation on the correct points (a) left open, i.e. the
       cascade with the new step as its last one: certified = (a) or (c's step); its seconds;
 and alpha-CROWN (``--alpha-steps``) on the points (b) leaves open, to see whether it pays.
+Seconds are wall time and, as the machine is shared, this process's CPU time too.
 Every certificate the linear relaxation issues ((b), (c), alpha) is attacked with l2 PGD
 (``locallip.attack.pgd_l2``): 0 broken expected. CROWN's counts from the issue (auto_LiRPA 0.3,
 other weights of the same recipe) are reported next to ours.
@@ -114,44 +115,54 @@ def relaxation_certifies(model, x, pred, eps: float, alpha_steps: int = 0):
     return m.min(dim=1).values > 0
 
 
+class _Clock:
+    """Wall and CPU (this process) seconds of a block: the machine is shared, CPU time is the steadier one."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def _relaxation_on(model, x, pred, eps: float, idx, alpha_steps: int = 0):
+    """(certified mask over all points, clock) of the linear relaxation run on the points idx."""
+    out = torch.zeros(x.shape[0], dtype=torch.bool)
+    with _Clock() as clock:
+        if idx.numel():
+            out[idx] = relaxation_certifies(model, x[idx], pred[idx], eps, alpha_steps)
+    return out, clock
+
+
 def one_radius(model, x, y, eps: float, alpha_steps: int) -> dict:
     from locallip.certify import certify
 
     torch.manual_seed(0)
-    t0 = time.perf_counter()
-    cert = certify(model, x, y, eps)
-    t_cascade = time.perf_counter() - t0
-    pred = cert.prediction
-    correct = cert.correct
+    with _Clock() as t_cascade:
+        cert = certify(model, x, y, eps)
+    pred, correct = cert.prediction, cert.correct
     idx = correct.nonzero().squeeze(1)
-    t0 = time.perf_counter()
-    lr = torch.zeros_like(correct)
-    lr[idx] = relaxation_certifies(model, x[idx], pred[idx], eps)
-    t_lr = time.perf_counter() - t0
+    lr, t_lr = _relaxation_on(model, x, pred, eps, idx)
     open_idx = (correct & ~cert.certified).nonzero().squeeze(1)
-    t0 = time.perf_counter()
-    step = torch.zeros_like(correct)
-    if open_idx.numel():
-        step[open_idx] = relaxation_certifies(model, x[open_idx], pred[open_idx], eps)
-    t_step = time.perf_counter() - t0
-    alpha = torch.zeros_like(correct)
+    step, t_step = _relaxation_on(model, x, pred, eps, open_idx)
     left = (correct & ~lr).nonzero().squeeze(1)
-    t0 = time.perf_counter()
-    if alpha_steps and left.numel():
-        alpha[left] = relaxation_certifies(model, x[left], pred[left], eps, alpha_steps)
-    t_alpha = time.perf_counter() - t0
+    alpha, t_alpha = _relaxation_on(model, x, pred, eps, left if alpha_steps else left[:0], alpha_steps)
     issued = lr | step | alpha
+    n_lr = max(int(idx.numel()), 1)
     return {
         "eps": eps, "n": int(x.shape[0]), "correct": int(correct.sum()),
-        "cascade": {"certified": int(cert.certified.sum()), "seconds": t_cascade, "steps": cert.step_counts()},
-        "linear_relaxation": {"certified": int(lr.sum()), "seconds": t_lr, "points_run": int(idx.numel()),
-                              "seconds_per_point": t_lr / max(int(idx.numel()), 1)},
+        "cascade": {"certified": int(cert.certified.sum()), "seconds": t_cascade.wall, "cpu_seconds": t_cascade.cpu,
+                    "steps": cert.step_counts()},
+        "linear_relaxation": {"certified": int(lr.sum()), "seconds": t_lr.wall, "cpu_seconds": t_lr.cpu,
+                              "points_run": int(idx.numel()), "seconds_per_point": t_lr.wall / n_lr,
+                              "cpu_seconds_per_point": t_lr.cpu / n_lr},
         "cascade_with_step": {"certified": int((cert.certified | step).sum()), "step_certified": int(step.sum()),
-                              "step_points_run": int(open_idx.numel()), "step_seconds": t_step,
-                              "seconds": t_cascade + t_step},
+                              "step_points_run": int(open_idx.numel()), "step_seconds": t_step.wall,
+                              "seconds": t_cascade.wall + t_step.wall, "cpu_seconds": t_cascade.cpu + t_step.cpu},
         "union_of_a_and_b": int((cert.certified | lr).sum()),
         "alpha_crown": {"steps": alpha_steps, "points_run": int(left.numel()), "extra_certified": int(alpha.sum()),
-                        "seconds": t_alpha},
+                        "seconds": t_alpha.wall},
         "audit_of_relaxation_certificates": audit(model, x, pred, issued, eps),
     }
 
@@ -197,12 +208,14 @@ def _targets(models: dict) -> dict:
     ours = [mlp[str(e)]["cascade_with_step"]["certified"] for e in RADII]
     cnn_lr = [models[m]["radii"][str(e)]["linear_relaxation"] for m in ("cnn", "cnn_pgd") for e in RADII]
     per_point = max(r["seconds_per_point"] for r in cnn_lr)
+    cpu_per_point = max(r["cpu_seconds_per_point"] for r in cnn_lr)
     union = all(r["cascade_with_step"]["certified"] >= r["union_of_a_and_b"]
                 for m in ("cnn", "cnn_pgd") for r in models[m]["radii"].values())
     broken = sum(r["audit_of_relaxation_certificates"]["broken"] for m in models.values() for r in m["radii"].values())
     return {"mlp_vs_crown": {"ours": ours, "crown_issue": ISSUE_CROWN["mlp"],
                              "met": all(a >= b for a, b in zip(ours, ISSUE_CROWN["mlp"]))},
-            "cnn_seconds_per_point": {"worst": per_point, "target_max": CROWN_SECONDS_PER_POINT_CNN / TARGET_SPEEDUP,
+            "cnn_seconds_per_point": {"worst": per_point, "worst_cpu": cpu_per_point,
+                                      "target_max": CROWN_SECONDS_PER_POINT_CNN / TARGET_SPEEDUP,
                                       "met": per_point <= CROWN_SECONDS_PER_POINT_CNN / TARGET_SPEEDUP},
             "cnn_union": {"met": union}, "audit": {"broken": broken, "met": broken == 0}}
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+import locallip.bounds.linear_relaxation as lr_mod
 import locallip.bounds.relaxations as relax_mod
 from locallip.bounds import box_bound, local_margins
 from locallip.bounds.empirical import random_points_in_ball
@@ -258,3 +259,18 @@ def test_clipped_maxmin_does_not_apply():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), make_activation("clipped_maxmin", (6,)), nn.Linear(6, 2))
     with pytest.raises(RelaxationNotApplicable, match="ClippedMaxMin"):
         linear_relaxation_margins(model.to(DT), torch.rand(2, 1, 4, dtype=DT), torch.tensor([0, 1]), 0.1)
+
+
+def test_layers_too_large_to_keep_give_the_same_bounds(monkeypatch):
+    """Without the explicit rows W^T e_k (large layers), rows come from one-hot transposes: same bounds."""
+    model = conv_net("relu", seed=6)
+    x = torch.rand(3, 1, 7, 7, generator=torch.Generator().manual_seed(6), dtype=DT)
+    y = model(x).argmax(1)
+    kept = LinearRelaxation(model, (1, 7, 7))
+    monkeypatch.setattr(lr_mod, "BASIS_MAX_ENTRIES", 10)
+    computed = LinearRelaxation(model, (1, 7, 7))
+    assert all(b is None for b in computed.basis) and computed.sparse is None
+    assert computed.frobenius == pytest.approx(kept.frobenius, rel=1e-12)
+    a = linear_relaxation_margins(model, x, y, 0.3, network=kept)
+    b = linear_relaxation_margins(model, x, y, 0.3, network=computed)
+    assert torch.allclose(a, b, rtol=0, atol=1e-10)

@@ -94,7 +94,10 @@ class LinearRelaxation:
         step = max(1, BASIS_MAX_ENTRIES // max(n_in, n_out))
         parts, sq = [], 0.0
         for start in range(0, n, step):
-            eye = torch.eye(n, dtype=torch.float64)[start:start + step].view(-1, *shape)
+            rows = torch.arange(start, min(start + step, n))
+            eye = torch.zeros(rows.numel(), n, dtype=torch.float64)
+            eye[torch.arange(rows.numel()), rows] = 1.0  # rows start.. of the identity, built chunk by chunk
+            eye = eye.view(-1, *shape)
             part = op.transpose(eye) if transpose_side else op.linear(eye)
             sq += float(part.square().sum())
             if keep:

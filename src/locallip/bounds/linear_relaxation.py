@@ -257,8 +257,6 @@ class LinearRelaxation:
             r = eps.view(-1, *([1] * (x.dim() - 1)))
             return x - r, x + r
         (lo, hi), act = boxes[-1], self.acts[-1]
-        if isinstance(act, nn.ReLU):
-            return torch.relu(lo), torch.relu(hi)
         return act.interval(lo, hi)
 
     def _interval(self, nu: Tensor, const: Tensor, mag: Tensor, lo: Tensor, hi: Tensor) -> Tensor:

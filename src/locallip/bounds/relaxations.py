@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..nn.activations import ClippedReLU, MaxMin, ReLU
+from .layers.activation import TorchReLUBounds
 
 Tensor = torch.Tensor
 _U = 2.0 ** -53  # unit roundoff of float64
@@ -94,7 +95,7 @@ class Relaxation:
             theta = torch.full((), math.inf, dtype=lo.dtype)
         elif isinstance(act, ClippedReLU):
             theta = act.theta.detach().to(lo.dtype)
-        elif isinstance(act, (ReLU, nn.ReLU)):
+        elif isinstance(act, (ReLU, nn.ReLU, TorchReLUBounds)):
             theta = torch.full((), math.inf, dtype=lo.dtype)
         else:
             raise RelaxationNotApplicable(f"linear relaxation: activation {type(act).__name__} is not supported "
@@ -135,7 +136,7 @@ class Relaxation:
         return mu, const, 4 * _norm(w) * c_norm
 
 
-SUPPORTED = (ReLU, nn.ReLU, ClippedReLU, MaxMin)
+SUPPORTED = (ReLU, nn.ReLU, TorchReLUBounds, ClippedReLU, MaxMin)
 
 
 def check_supported(act: nn.Module) -> None:

@@ -4,7 +4,7 @@ The margin z_y - z_j then moves by at most eps * K * ||w_y - w_j|| on an eps-bal
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -31,6 +31,8 @@ class GlobalBound:
     vectors: Optional[list] = None  # top right singular vector per layer (warm starts), filled on demand
     #: The weights it was computed from (every layer's ``weights_key``): it is valid for them only.
     weights: Optional[tuple] = None
+    #: What certification derives once per model and reuses for every batch (bound to the same weights).
+    cache: dict = field(default_factory=dict)
 
     def check_model(self, model: nn.Module, input_shape: Optional[Sequence[int]] = None) -> None:
         """Refuse a model (or later weights) other than the one this bound was computed from."""

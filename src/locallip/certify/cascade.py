@@ -38,6 +38,7 @@ from ..bounds.clean import CleanPass, check_input, clean_pass
 from ..bounds.records import CascadeRecord
 from ..bounds.settings import as_batch_radius, settings_from
 from . import masked_step
+from .relaxation_step import run_linear_relaxation_step
 from .guarantees import cascade_guarantee, local_guarantee
 from .settings import SCREEN_STEPS, CascadeSettings
 from .state import CascadeState
@@ -132,10 +133,10 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: Union[float, Tensor], b
             if not s.cascade:
                 return _single_level(state, s)
             for step in running_order():
-                step.run(state, s)
+                if step.runs_with(s):
+                    step.run(state, s)
             state.step[~state.correct & ~state.robust] = STEP["misclassified"]
-            return _result(state, s.level, cascade_guarantee(s.level, delta=s.delta, tol=s.tol,
-                                                             max_iter=s.max_iter, masked=s.masked), "local")
+            return _result(state, s.level, cascade_guarantee(s), "local")
     finally:
         model.train(was_training)
 
@@ -199,5 +200,8 @@ for _step in (
     Step("misclassified", False),
     Step("excluded", False),
     Step("not_certified", False),
+    Step("linear_relaxation", True, "deterministic", "linear relaxation",
+         "a linear relaxation (CROWN) of the network over the ball for the points still undecided, those the "
+         "screen excluded included", run=run_linear_relaxation_step, enabled=lambda s: s.linear_relaxation),
 ):
     register_step(_step)

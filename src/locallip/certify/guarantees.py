@@ -35,13 +35,16 @@ def local_guarantee(level: str, *, tol: float = 1e-4, max_iter: int = 2000, meth
             f"guaranteed global ones, and points whose iteration did not converge use the global certificate")
 
 
-def cascade_guarantee(level: str, *, delta: float = 1e-9, tol: float = 1e-4, max_iter: int = 2000,
-                      masked: bool = True) -> str:
-    """One sentence on what a cascade certificate whose weakest allowed step is ``level`` promises."""
+def cascade_guarantee(settings) -> str:
+    """One sentence on what a cascade certificate promises under ``settings`` (``CascadeSettings``),
+    whose ``level`` is the weakest guarantee allowed."""
+    level, delta, tol, max_iter, masked = (settings.level, settings.delta, settings.tol, settings.max_iter,
+                                           settings.masked)
     steps = ("the global (GloRo) margins, then the boxes of the local bound built on the guaranteed global "
              "layer norms (IBP ∩ ball through every layer, ball ∩ box last layer)")
     # Steps registered beyond the built-in ones run after them: each adds its clause.
-    later = "".join(f", then {s.promise}" for s in running_order() if s.name not in _DESCRIBED)
+    later = "".join(f", then {s.promise}" for s in running_order()
+                    if s.name not in _DESCRIBED and s.runs_with(settings))
     if not masked:
         return (f"sound and deterministic: each point is certified by {steps}{later}; masked layer norms are "
                 f"not used")
@@ -54,5 +57,5 @@ def cascade_guarantee(level: str, *, delta: float = 1e-9, tol: float = 1e-4, max
                       f"random start (P(false) <= {delta:g} per point, union bound over the layers)"
                       if level == "probabilistic" else ", or the layer's guaranteed global norm"))
     return (f"sound: each point is certified by the first step that decides it: {steps}, then {masked_text}{later}. "
-            f"Points that fail even with masked norms estimated from below are not tried further (no sound "
-            f"bound can certify them). Every certificate is deterministic except those marked probabilistic")
+            f"Points that fail even with masked norms estimated from below are not tried further with "
+            f"Lipschitz bounds (no sound Lipschitz bound can certify them). Every certificate is deterministic except those marked probabilistic")

@@ -33,6 +33,8 @@ class CascadeSettings:
     last_layer: str = "ball_box"  # the last layer's worst case: ball, or ball ∩ box (BCP)
     work_dtype: Optional[torch.dtype] = torch.float32  # dtype of the iterations (None: the model's)
     method: str = "lanczos"  # estimate: how the masked layer norms are estimated
+    # The cascade's last step: a linear relaxation (CROWN) for the correct points still undecided.
+    linear_relaxation: bool = False
 
     def __post_init__(self):
         if self.level not in LEVELS:
@@ -50,7 +52,9 @@ class CascadeSettings:
 
 def from_config(cfg, level: Optional[str] = None) -> CascadeSettings:
     """The settings of the local certificate at ``level`` (default: the configured one) from the
-    certify configuration (``foundation.schema.CertifySettings``)."""
+    certify configuration (``foundation.schema.CertifySettings``). ``linear_relaxation`` "auto" is
+    off here: the stage that knows better (certify-model) resolves it to "on" before."""
     return CascadeSettings(level=str(level or cfg.guarantee), cascade=bool(cfg.cascade), masked=bool(cfg.masked_norms),
                            screen_steps=cfg.screen_steps, delta=cfg.delta, inflation=cfg.inflation, steps=cfg.steps,
-                           max_iter=cfg.max_iter, tol=cfg.tol, last_layer=str(cfg.last_layer), method=str(cfg.method))
+                           max_iter=cfg.max_iter, tol=cfg.tol, last_layer=str(cfg.last_layer), method=str(cfg.method),
+                           linear_relaxation=str(getattr(cfg, "linear_relaxation", "off")) == "on")

@@ -28,6 +28,12 @@ class Step:
     words: str = ""  # the report's steps table: "certified by <words>"
     promise: str = ""  # its clause in the guarantee sentence ("then <promise>")
     run: Optional[Callable] = None  # run(state, settings): a step of the cascade (None: an outcome)
+    #: enabled(settings): whether it runs under these settings (None: always). A step that does not
+    #: run is left out of the guarantee sentence too.
+    enabled: Optional[Callable] = None
+
+    def runs_with(self, settings) -> bool:
+        return self.run is not None and (self.enabled is None or settings is None or bool(self.enabled(settings)))
 
     def __post_init__(self):
         if self.certifies != (self.guarantee in GUARANTEES):

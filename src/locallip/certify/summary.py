@@ -7,6 +7,7 @@ import torch
 
 from ..bounds import GUARANTEED
 from .guarantees import cascade_guarantee, local_guarantee
+from .settings import from_config
 from .steps import certifying_steps
 
 MASKED_STEPS = ("exact", "probabilistic", "estimate")
@@ -60,11 +61,15 @@ def level_summary(level: str, headline: bool, rows: List[dict], infos: List[dict
     deterministic = by_guarantee["deterministic"]
     delta = float(cfg.delta)
     if cfg.cascade:
-        text = cascade_guarantee(level, delta=delta, tol=cfg.tol, max_iter=cfg.max_iter, masked=bool(cfg.masked_norms))
+        text = cascade_guarantee(from_config(cfg, level))
     else:
         text = local_guarantee(level, tol=cfg.tol, max_iter=cfg.max_iter, method=str(cfg.method), delta=delta,
                                info=infos[0].norms if infos else None)
     work = {k: sum(getattr(i, k) for i in infos) for k in ("box_points", "screened", "excluded", "masked_points")}
+    for i in infos:  # the points that steps registered beyond the built-in ones tried
+        for k, v in i.steps.items():
+            if isinstance(v, int):
+                work[f"{k}_points"] = work.get(f"{k}_points", 0) + v
     out = {
         "certified_acc": certified / n,
         "guarantee": text,

@@ -79,6 +79,13 @@ class Method(Choice):
     power = "power"
 
 
+class Switch(Choice):
+    """on, off, or auto (decided where it is used, and said there)."""
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class DType(Choice):
     float32 = "float32"
     float64 = "float64"

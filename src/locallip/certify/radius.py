@@ -44,8 +44,10 @@ def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     radius); where it certifies, the screen's root is searched and the whole cascade
     certifies just below it (or searches below, where it does not).
     ``cascade=False`` searches with one level for every point at every evaluation.
+    The search does not use the linear-relaxation step (``linear_relaxation`` is ignored here): a
+    point that step certifies at a radius may get a smaller radius from this search.
     """
-    s = settings_from(settings, CascadeSettings, options)
+    s = replace(settings_from(settings, CascadeSettings, options), linear_relaxation=False)
     _check_search(x, max_radius, rtol)
     n = x.shape[0]
     with torch.no_grad():

@@ -54,7 +54,7 @@ def from_config(cfg, level: Optional[str] = None) -> CascadeSettings:
     """The settings of the local certificate at ``level`` (default: the configured one) from the
     certify configuration (``foundation.schema.CertifySettings``). ``linear_relaxation`` "auto" is
     off here: the stage that knows better (certify-model) resolves it to "on" before."""
-    return CascadeSettings(level=str(level or cfg.guarantee), cascade=bool(cfg.cascade), masked=bool(cfg.masked_norms),
+    return CascadeSettings(level=str(level or cfg.guarantee), cascade=bool(cfg.cascade), masked=bool(cfg.masked_step),
                            screen_steps=cfg.screen_steps, delta=cfg.delta, inflation=cfg.inflation, steps=cfg.steps,
                            max_iter=cfg.max_iter, tol=cfg.tol, last_layer=str(cfg.last_layer), method=str(cfg.method),
                            linear_relaxation=str(getattr(cfg, "linear_relaxation", "off")) == "on")

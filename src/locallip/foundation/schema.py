@@ -116,7 +116,7 @@ class CertifySettings:
     # Each point gets the cheapest sound step that decides it (global, box, masked norms;
     # locallip.certify.cascade); false: the level above for every point.
     cascade: bool = True
-    masked_norms: bool = True  # cascade: try masked layer norms on the points global and box leave open
+    masked_step: bool = True  # cascade: try masked layer norms on the points global and box leave open
     screen_steps: int = 8  # cascade: Lanczos steps of the from-below estimate that excludes points
     # cascade: a linear relaxation (CROWN) as the last step, for the correct points still undecided (about
     # 0.1 s a point on a small CNN). auto: on for certify-model (networks trained anywhere), off in the

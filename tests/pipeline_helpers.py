@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 #: What a copy of the project contains (relative to the repository root).
-PROJECT_ITEMS = ("Snakefile", "workflow", "config", "src", "pyproject.toml",
+PROJECT_ITEMS = ("Snakefile", "workflow", "profiles", "config", "src", "pyproject.toml",
                  "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".snakemake", "tmp", "cache")
 

@@ -202,12 +202,15 @@ def check_replaceable(out: PathLike, stage: str, own: Sequence[str]) -> None:
 
 
 @contextmanager
-def replaced_directory(out: PathLike, stage: str, own: Sequence[str]) -> Iterator[Path]:
+def replaced_directory(out: PathLike, stage: str, own: Sequence[str],
+                       publish_on: tuple = ()) -> Iterator[Path]:
     """Yield an empty staging directory; on success it replaces ``out`` as a whole.
 
     A run that fails or is interrupted leaves ``out`` as it was, never one run's files mixed
-    with another's. Holds ``stage_lock(out)`` throughout. A run killed between the two renames
-    leaves the old directory as ``.<out>.<pid>.old``: the next run puts it back first.
+    with another's; one that fails with an exception in ``publish_on`` (a failed attack audit:
+    its record must be seen) replaces ``out`` all the same, and the error then names ``out``.
+    Holds ``stage_lock(out)`` throughout. A run killed between the two renames leaves the old
+    directory as ``.<out>.<pid>.old``: the next run puts it back first.
     """
     out = Path(out)
     check_replaceable(out, stage, own)
@@ -227,14 +230,24 @@ def replaced_directory(out: PathLike, stage: str, own: Sequence[str]) -> Iterato
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)
         try:
-            yield staging
-            old = out.with_name(f".{out.name}.{os.getpid()}.old")
-            if out.exists():
-                os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                yield staging
+            except publish_on as e:
+                _swap(staging, out)
+                if len(e.args) == 1 and isinstance(e.args[0], str):
+                    e.args = (e.args[0].replace(str(staging), str(out)),)
+                raise
+            _swap(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap(staging: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def glob_escape(name: str) -> str:

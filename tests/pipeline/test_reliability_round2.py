@@ -155,7 +155,7 @@ def test_certify_model_never_writes_into_a_pipeline_experiment(smoke, external, 
     before = _digests(project / "results")
     rc, err = _run(_cm(external, project / "results" / SMOKE, "--radius", "0.3"), capsys)
     line = _one_line(err)
-    assert rc == 2 and "did not write" in line and "train" in line, line
+    assert rc == 2 and "did not write" in line and "calibrate, data" in line, line
     assert _digests(project / "results") == before
 
 
@@ -274,3 +274,208 @@ def test_an_interrupted_certify_model_rerun_leaves_the_previous_output(external,
     rc, err = _run(_cm(external, out, "--radius", "0.1", "--radius", "0.2", "--limit", "6"), capsys)
     assert rc == 0 and _digests(out) != before
     assert json.loads((out / "certify" / "radius_0.2.json").read_text())["n"] == 6
+
+
+# --------------------------------------------------------------------------- the confusing cases
+
+
+class SubclassedTensor(torch.Tensor):
+    """A tensor subclass: refused by a weights-only load (it could carry code)."""
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def _arch(edit):
+    def make(d: Path) -> dict:
+        description = json.loads((d / "net.json").read_text())
+        edit(description)
+        (d / "hostile.json").write_text(json.dumps(description))
+        return {"arch": "hostile.json"}
+    return make
+
+
+def _arch_bytes(data: bytes):
+    def make(d: Path) -> dict:
+        (d / "hostile.json").write_bytes(data)
+        return {"arch": "hostile.json"}
+    return make
+
+
+def _weights(edit, suffix=".pt"):
+    def make(d: Path) -> dict:
+        state = dict(_net().state_dict())
+        state = edit(state) or state
+        torch.save(state, d / f"hostile{suffix}")
+        return {"model": f"hostile{suffix}"}
+    return make
+
+
+def _points(edit, name="hostile.npz"):
+    def make(d: Path) -> dict:
+        with np.load(d / "points.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        edit(d / name, arrays)
+        return {"data": name}
+    return make
+
+
+def _set_layer(i, **values):
+    return lambda a: a["layers"][i].update(values)
+
+
+def _nan_pixel(path, a):
+    a["x"][0, 0, 0, 0] = np.nan
+    np.savez(path, **a)
+
+
+def _truncated(path, a):
+    np.savez(path, **a)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+HOSTILE = {
+    # architecture descriptions
+    "negative size": (_arch(_set_layer(1, out_features=-3)), "layer 1 (linear): out_features must be an integer"),
+    "null size": (_arch(_set_layer(1, out_features=None)), "out_features must be an integer in [1, 16777216], got None"),
+    "list size": (_arch(_set_layer(1, in_features=[36])), "in_features must be an integer"),
+    "huge size": (_arch(_set_layer(1, out_features=1e12)), "out_features must be an integer"),
+    "layers not a list": (_arch(lambda a: a.update(layers={"0": {"type": "flatten"}})), "layers must be a list"),
+    "deep nesting": (_arch_bytes(b"[" * 200000 + b"]" * 200000), "nested too deeply"),
+    "binary file": (_arch_bytes(bytes(range(256)) * 8), "is not a text file"),
+    "wrong format": (_arch(lambda a: a.update(format="onnx-1")), "format must be 'locallip-sequential-1'"),
+    "normalize channels": (_arch(lambda a: a["layers"].insert(0, {"type": "normalize", "mean": [0.5] * 3,
+                                                                  "std": [0.2] * 3})),
+                           "layer 0 (normalize) has 3 channel(s), its input of shape (1, 6, 6) has 1 channels"),
+    # weights
+    "pickled payload": (_weights(lambda s: dict(s, extra=Payload())), "refused, since loading them could run code"),
+    "tensor subclass": (_weights(lambda s: dict(s, **{"1.weight": s["1.weight"].as_subclass(SubclassedTensor)})),
+                        "refused, since loading them could run code"),
+    "meta tensor": (_weights(lambda s: dict(s, **{"1.weight": torch.empty(12, 36, device="meta")})),
+                    "weight 1.weight holds no data (a meta tensor)"),
+    "sparse tensor": (_weights(lambda s: dict(s, **{"1.weight": s["1.weight"].to_sparse()})),
+                      "weight 1.weight is a sparse tensor"),
+    "bool tensor": (_weights(lambda s: dict(s, **{"3.weight": s["3.weight"] > 0})),
+                    "weight 3.weight is torch.bool, not floating point"),
+    # points
+    "NaN pixel": (_points(_nan_pixel), "images hold NaN or inf"),
+    "npy file": (_points(lambda p, a: np.save(p, a["x"]), name="hostile.npy"), "is a single .npy array"),
+    "truncated npz": (_points(_truncated), "not an .npz archive (truncated or corrupt?)"),
+    "object array": (_points(lambda p, a: np.savez(p, x=np.array([object()] * 8, dtype=object), y=a["y"])),
+                     "holds Python objects"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_inputs_end_in_one_line_naming_the_file_or_field(external, tmp_path, capsys, case):
+    make, message = HOSTILE[case]
+    files = make(external)
+    out = tmp_path / "out"
+    rc, err = _run(_cm(external, out, **files), capsys)
+    line = _one_line(err)
+    assert rc == 2 and message in line and next(iter(files.values())) in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["radius 0", "out is a file", "out is /dev/null"])
+def test_bad_radius_and_output_end_in_one_line(external, tmp_path, capsys, case):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine\n")
+    out, extra, message = {"radius 0": (tmp_path / "out", ["--radius", "0"], "radii must be > 0"),
+                           "out is a file": (a_file, [], "exists and is not a directory"),
+                           "out is /dev/null": (Path("/dev/null"), [], "exists and is not a directory")}[case]
+    rc, err = _run(_cm(external, out, *extra), capsys)
+    line = _one_line(err)
+    assert rc == 2 and message in line, line
+    assert a_file.read_text() == "mine\n" and not (tmp_path / "out").exists()
+
+
+def test_an_inferred_name_with_a_dot_is_made_valid(external, tmp_path, capsys, monkeypatch):
+    os.replace(external / "net.safetensors", external / "model-1.0.safetensors")
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in _cm(external, tmp_path) if a not in ("--out", str(tmp_path))]
+    rc, err = _run([str(external / "model-1.0.safetensors") if a.endswith("net.safetensors") else a for a in argv],
+                   capsys)
+    assert rc == 0, err
+    assert (tmp_path / paths.external_dir("model-1_0") / "report.md").is_file()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_output(external, tmp_path, capsys,
+                                                                               monkeypatch):
+    out = tmp_path / "out"
+    assert _run(_cm(external, out), capsys)[0] == 0
+    before = _digests(out)
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")  # what write() raises: no file name
+
+    monkeypatch.setattr(Path, "write_text", full)
+    rc, err = _run(_cm(external, out, "--limit", "5"), capsys)
+    monkeypatch.undo()
+    line = _one_line(err)
+    assert rc == 1 and "No space left on device" in line and "cannot write" in line and ".csv" in line, line
+    assert _digests(out) == before
+
+
+def test_a_nan_in_a_certificate_stops_the_report_before_it_writes(smoke, tmp_path, capsys, monkeypatch):
+    project = clone_project(smoke, tmp_path / "p")
+    cert = project / paths.certificate(SMOKE, 0.3)
+    cert.write_text(cert.read_text().replace('"clean_acc": ', '"clean_acc": NaN, "was": ', 1))
+    before = _digests(project / "results")
+    monkeypatch.chdir(project)
+    rc, err = _run(["report", "experiment=smoke", "--no-progress"], capsys)
+    line = _one_line(err)
+    assert rc == 2 and "radius_0.3.json holds NaN" in line, line
+    assert _digests(project / "results") == before
+
+
+# --------------------------------------------------------------------------- Hydra and Snakemake
+
+
+@pytest.fixture
+def config_copy(tmp_path, monkeypatch) -> Path:
+    project = tmp_path / "p"
+    copy_project(project, items=("config",))
+    monkeypatch.chdir(project)
+    return project
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: bad\neps: [1, 2\n", "bad.yaml line 3, column 1: YAML syntax error"),
+    ("# @package _global_\nname: ???\n", "no experiment name"),
+    ("# @package _global_\ndescription: no name\n", "no experiment name"),
+])
+def test_a_broken_experiment_file_is_one_line_and_writes_nothing(config_copy, capsys, text, message):
+    (config_copy / "config" / "experiment" / "bad.yaml").write_text(text)
+    rc, err = _run(["download", "experiment=bad"], capsys)
+    line = _one_line(err)
+    assert rc == 2 and message in line, line
+    assert not (config_copy / "results").exists()
+
+
+def test_one_broken_experiment_file_fails_only_the_targets_that_use_it(tmp_path):
+    project = copy_project(tmp_path / "p")
+    (project / "config" / "experiment" / "broken.yaml").write_text("name: broken\neps: [1, 2\n")
+    p = snakemake(project, "-n", "--cores", "1", f"results/{SMOKE}/report.md")
+    assert "report" in p.stdout
+    p = snakemake(project, "-n", "--cores", "1", "results/broken/report.md", check=False)
+    assert p.returncode != 0 and "broken.yaml line 3, column 1: YAML syntax error" in p.stdout + p.stderr
+
+
+def test_the_readme_command_resumes_after_an_interruption(smoke, tmp_path):
+    """A killed run leaves Snakemake's 'incomplete' marks; the README's plain command reruns those outputs
+    (profiles/default, which Snakemake reads by itself, sets rerun-incomplete) instead of stopping with
+    IncompleteFilesException."""
+    from base64 import urlsafe_b64encode
+
+    project = clone_project(smoke, tmp_path / "p")
+    target = f"results/{SMOKE}/report.md"
+    marks = project / ".snakemake" / "incomplete"
+    marks.mkdir(parents=True, exist_ok=True)
+    (marks / urlsafe_b64encode(target.encode()).decode()).write_text(json.dumps({"external_jobid": None}))
+    p = snakemake(project, "-n", "--cores", "2", target, check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode == 0 and "IncompleteFilesException" not in text, text[-3000:]
+    assert "rule report:" in text and "incomplete" in text.lower()

@@ -121,7 +121,8 @@ def _bias(spec: dict, where: str) -> bool:
 def _layer(spec: Any, i: int) -> nn.Module:
     if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
         raise UnsupportedModel(f"layer {i} must be an object with a 'type' string, got {_short(spec)}")
-    kind, where = spec["type"], f"layer {i} ({_short(spec['type'])})"
+    kind = spec["type"]
+    where = f"layer {i} ({kind[:40]})"
     if kind == "conv2d":
         _require(spec, ("in_channels", "out_channels", "kernel_size"), where)
         return nn.Conv2d(_int(spec, "in_channels", where), _int(spec, "out_channels", where),

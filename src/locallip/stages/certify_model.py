@@ -12,6 +12,7 @@ pipeline's certify, radii and report stages write, under one directory:
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Tuple
 
@@ -46,7 +47,9 @@ def load_weights_file(path: Path) -> dict:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on what it checks: the refusal below says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or holding pickled objects
         raise UnsupportedModel(f"cannot load weights {path}: {load_error(e)} (only tensors are read; nothing in "
                                f"the file runs)") from None

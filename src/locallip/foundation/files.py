@@ -194,7 +194,9 @@ def check_replaceable(out: PathLike, stage: str, own: Sequence[str]) -> None:
         raise UnsafeOutput(f"{out} exists and is not a directory; {stage} writes a directory of outputs: choose "
                            f"another output directory")
     if out.is_dir():
-        foreign = sorted(e.name for e in out.iterdir() if e.name not in own and not e.name.startswith("."))
+        # hidden entries too (a .git would go with the directory), except a lock or temporary file of ours
+        foreign = sorted(e.name for e in out.iterdir()
+                         if e.name not in own and not (e.name.startswith(".") and e.name.endswith((".lock", ".tmp"))))
         if foreign:
             raise UnsafeOutput(f"{out} holds {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}, which "
                                f"{stage} did not write (another experiment's results?); {stage} replaces the "

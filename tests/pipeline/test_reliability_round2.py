@@ -162,6 +162,7 @@ def test_certify_model_never_writes_into_a_pipeline_experiment(smoke, external, 
 # --------------------------------------------------------------------------- 5. a failing rerun under Snakemake
 
 
+@pytest.mark.slow  # a real Snakemake run (~20 s)
 def test_a_failing_snakemake_rerun_keeps_the_last_good_model(smoke, tmp_path):
     project = clone_project(smoke, tmp_path / "p")
     train_dir = project / paths.model(SMOKE).parent
@@ -455,6 +456,7 @@ def test_a_broken_experiment_file_is_one_line_and_writes_nothing(config_copy, ca
     assert not (config_copy / "results").exists()
 
 
+@pytest.mark.slow  # a real Snakemake run (~20 s)
 def test_one_broken_experiment_file_fails_only_the_targets_that_use_it(tmp_path):
     project = copy_project(tmp_path / "p")
     (project / "config" / "experiment" / "broken.yaml").write_text("name: broken\neps: [1, 2\n")

@@ -28,15 +28,25 @@ except ConfigError as e:
 
 
 def _compose_each():
-    """Hydra composition of every experiment, once, at parse time. An experiment whose files do not
-    compose is kept aside with its error: only the targets that need it fail (naming the file), not
-    every target of the workflow."""
+    """Hydra composition of every experiment, once, at parse time: a bad override or setting fails
+    here, before any job is planned. An experiment whose own file does not compose (it fails without
+    the overrides too) is kept aside with its error: only the targets that need it fail, naming the
+    file, not every target of the workflow."""
     cfgs, broken = {}, {}
     for n in experiment_names():
         try:
             cfgs.update(dag.compose_all(SETTINGS["overrides"], SETTINGS["experiment_overrides"], names=[n]))
         except ConfigError as e:
-            broken[n] = str(e)
+            try:
+                dag.compose_all(names=[n])
+            except ConfigError:
+                broken[n] = str(e)
+                continue
+            raise WorkflowError(f"locallip configuration error: {e}") from None
+    unknown = [n for n in SETTINGS["experiments"] if n not in cfgs and n not in broken]
+    if unknown:
+        raise WorkflowError(f"locallip configuration error: unknown experiment {unknown[0]!r}; known: "
+                            f"{', '.join(experiment_names())}")
     return cfgs, broken
 
 

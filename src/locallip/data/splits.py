@@ -121,7 +121,8 @@ def read_npz(path, what: str = "points file") -> dict:
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             npy = f.read(6) == b"\x93NUMPY"
-        raise DataError(f"{path} is {'a single .npy array' if npy else 'not an .npz archive (truncated or corrupt?)'}; "
+        raise DataError(f"cannot read {what} {path}: it is "
+                        f"{'a single .npy array' if npy else 'not an .npz archive (truncated or corrupt?)'}; "
                         f"a {what} is an .npz archive of named arrays")
     try:
         with np.load(path, allow_pickle=False) as z:

@@ -88,7 +88,7 @@ def _int(spec: dict, key: str, where: str, low: int = 1, default: Any = None) ->
 def _int_pair(spec: dict, key: str, where: str, low: int = 1, default: Any = None) -> tuple:
     v = spec.get(key, default)
     pair = [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
-    if not (isinstance(pair, list) and len(pair) == 2):
+    if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
         raise UnsupportedModel(f"{where}: {key} must be an integer or a pair of integers, got {_short(v)}")
     return tuple(_int({key: a}, key, where, low) for a in pair)
 
@@ -140,7 +140,7 @@ def _layer(spec: Any, i: int) -> nn.Module:
     if kind in ("clipped_relu", "clipped_maxmin"):
         _require(spec, ("shape",), where)
         shape = spec["shape"]
-        if not (isinstance(shape, list) and shape and len(shape) <= 3):
+        if not (isinstance(shape, (list, tuple)) and shape and len(shape) <= 3):
             raise UnsupportedModel(f"{where}: shape must be a list of 1 to 3 sizes, got {_short(shape)}")
         shape = [_int({"shape": a}, "shape", where) for a in shape]
         if kind == "clipped_maxmin" and shape[0] % 2:

@@ -12,4 +12,4 @@ localrules:
 rule default:
     default_target: True
     input:
-        rules.all.input,
+        unpack(default_targets),

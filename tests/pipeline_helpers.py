@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 #: What a copy of the project contains (relative to the repository root).
-PROJECT_ITEMS = ("Snakefile", "workflow", "config", "src", "pyproject.toml",
+PROJECT_ITEMS = ("Snakefile", "workflow", "profiles", "config", "src", "pyproject.toml",
                  "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".snakemake", "tmp", "cache")
 
@@ -245,9 +245,10 @@ def smoke_project(tmp_path_factory) -> Path:
 
 
 def outputs_of(project: Path, experiment: str) -> List[Path]:
-    """Every result file of an experiment (what both orchestrators produce)."""
+    """Every result file of an experiment (what both orchestrators produce and track; not the logs, the
+    resume state or train/last_good/, the kept copy of the last completed training run)."""
     d = Path(project) / "results" / experiment
-    return sorted(p for p in d.rglob("*") if p.is_file() and "logs" not in p.parts and "state" not in p.parts)
+    return sorted(p for p in d.rglob("*") if p.is_file() and not {"logs", "state", "last_good"} & set(p.parts))
 
 
 def mtimes(files: Iterable[Path]) -> Dict[str, int]:

@@ -92,13 +92,15 @@ def test_lint_is_clean(project):
 
 
 def test_profile_and_workflow_snakefile(project):
-    """The local profile is usable, and workflow/Snakefile works on its own (it then picks
-    up workflow/profiles/default by itself)."""
+    """The local profile is usable, and workflow/Snakefile works on its own. Both Snakefiles pick up
+    profiles/default by itself (rerun-incomplete: the README's command works after an interruption)."""
     p = snakemake(project, "-n", "--profile", "workflow/profiles/default")
-    assert "Using profile workflow/profiles/default" in p.stdout + p.stderr
+    assert "Using profiles workflow/profiles/default and workflow specific profile profiles/default" in (
+        p.stdout + p.stderr)
     p = snakemake(project, "-n", "-s", "workflow/Snakefile")
     out = p.stdout + p.stderr
-    assert "workflow specific profile workflow/profiles/default" in out
+    assert "workflow specific profile profiles/default" in out
+    assert yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text()) == {"rerun-incomplete": True}
     assert "report" in out and "mnist5k" in out
 
 

@@ -11,6 +11,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from locallip.foundation import layout
+from locallip.foundation.compose import experiment_names
 from locallip.foundation.provenance import code_deps
 from locallip.foundation.schema import ConfigError
 from locallip.pipeline import dag
@@ -20,18 +21,61 @@ from locallip.pipeline.table import STAGES
 validate(config, schema="../schemas/config.schema.yaml")
 
 try:
-    # Hydra composition of every experiment, once, at parse time.
     SETTINGS = dag.normalize_settings(config)
-    EXPERIMENT_CONFIGS = dag.compose_all(
-        SETTINGS["overrides"], SETTINGS["experiment_overrides"], first=SETTINGS["experiments"]
-    )
-    DEFAULT_EXPERIMENTS = dag.with_baselines(SETTINGS["experiments"], EXPERIMENT_CONFIGS)
+    dag.compose_all(SETTINGS["overrides"], SETTINGS["experiment_overrides"], names=[])  # unknown names
 except ConfigError as e:
     raise WorkflowError(f"locallip configuration error: {e}") from None
 
 
+def _compose_each():
+    """Hydra composition of every experiment, once, at parse time: a bad override or setting fails
+    here, before any job is planned. An experiment whose own file does not compose (it fails without
+    the overrides too) is kept aside with its error: only the targets that need it fail, naming the
+    file, not every target of the workflow."""
+    cfgs, broken = {}, {}
+    for n in experiment_names():
+        try:
+            cfgs.update(dag.compose_all(SETTINGS["overrides"], SETTINGS["experiment_overrides"], names=[n]))
+        except ConfigError as e:
+            try:
+                dag.compose_all(names=[n])
+            except ConfigError:
+                broken[n] = str(e)
+                continue
+            raise WorkflowError(f"locallip configuration error: {e}") from None
+    unknown = [n for n in SETTINGS["experiments"] if n not in cfgs and n not in broken]
+    if unknown:
+        raise WorkflowError(f"locallip configuration error: unknown experiment {unknown[0]!r}; known: "
+                            f"{', '.join(experiment_names())}")
+    return cfgs, broken
+
+
+EXPERIMENT_CONFIGS, BROKEN_EXPERIMENTS = _compose_each()
+
+
+def experiment_config(name):
+    """The composed configuration of ``name`` (and its baselines'): a broken one fails here, for the
+    jobs that need it."""
+    if name in BROKEN_EXPERIMENTS:
+        raise WorkflowError(f"locallip configuration error: {BROKEN_EXPERIMENTS[name]}")
+    cfg = EXPERIMENT_CONFIGS[name]
+    for b in cfg.report.baselines:
+        if b in BROKEN_EXPERIMENTS:
+            raise WorkflowError(f"locallip configuration error (a baseline of {name}): {BROKEN_EXPERIMENTS[b]}")
+    return cfg
+
+
+def default_experiments():
+    try:
+        for n in SETTINGS["experiments"]:
+            experiment_config(n)
+        return dag.with_baselines(SETTINGS["experiments"], EXPERIMENT_CONFIGS)
+    except ConfigError as e:
+        raise WorkflowError(f"locallip configuration error: {e}") from None
+
+
 wildcard_constraints:
-    experiment="|".join(re.escape(n) for n in sorted(EXPERIMENT_CONFIGS)),
+    experiment="|".join(re.escape(n) for n in sorted({*EXPERIMENT_CONFIGS, *BROKEN_EXPERIMENTS})),
     radius=dag.RADIUS_TAG_RE,
 
 
@@ -40,16 +84,22 @@ LOGS = str(layout.logs_dir(EXP))
 
 
 def default_reports():
-    return [str(layout.report(n)) for n in DEFAULT_EXPERIMENTS]
+    return [str(layout.report(n)) for n in default_experiments()]
 
 
 def default_exports():
     """Every default experiment's model card (and its load-safe model files)."""
-    return [str(layout.exported(n)["card"]) for n in DEFAULT_EXPERIMENTS]
+    return [str(layout.exported(n)["card"]) for n in default_experiments()]
+
+
+def default_targets(wildcards):
+    """input: function of the default target (evaluated only when it is asked for)."""
+    return {"reports": default_reports(), "exports": default_exports()}
 
 
 def _job(stage, wildcards):
     radius = dag.parse_radius_tag(wildcards.radius) if "radius" in wildcards.keys() else None
+    experiment_config(wildcards.experiment)
     return dag.job(EXPERIMENT_CONFIGS, wildcards.experiment, stage, radius)
 
 
@@ -65,7 +115,7 @@ def stage_command(stage):
 
 def processes(wildcards):
     """run.processes of the experiment: data-parallel processes (GPUs) of the parallel stages."""
-    return EXPERIMENT_CONFIGS[wildcards.experiment].run.processes
+    return experiment_config(wildcards.experiment).run.processes
 
 
 def gpus(wildcards):

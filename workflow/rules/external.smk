@@ -9,7 +9,8 @@ rule certify_model:
     params:
         out=lambda wildcards: str(layout.external_dir(wildcards.name)),
     log:
-        str(layout.external_dir("{name}") / "certify_model.log"),
+        # beside the output directory, not in it: certify-model replaces that directory as a whole
+        str(layout.external_dir("{name}").parent / "{name}.certify_model.log"),
     wildcard_constraints:
         name="|".join(re.escape(n) for n in EXTERNAL) or "(?!x)x",
     threads: 1

@@ -112,19 +112,34 @@ def save_splits(splits: Splits, path) -> None:
             np.savez_compressed(f, **arrays)
 
 
+def read_npz(path, what: str = "points file") -> dict:
+    """Every array of an ``.npz`` archive; DataError naming the file if it is not one (a ``.npy``,
+    a truncated or corrupt archive) or holds Python objects (never unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            npy = f.read(6) == b"\x93NUMPY"
+        raise DataError(f"cannot read {what} {path}: it is "
+                        f"{'a single .npy array' if npy else 'not an .npz archive (truncated or corrupt?)'}; "
+                        f"a {what} is an .npz archive of named arrays")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # zip/CRC/format errors come in many types
+        if "allow_pickle" in str(e):
+            raise DataError(f"{path} holds Python objects (pickled arrays); refused, since loading them could run "
+                            f"code. A {what} holds only numbers") from None
+        raise DataError(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+
+
 def load_splits(path) -> Splits:
     """Read a splits file written by ``save_splits``; DataError if missing, corrupt or incomplete."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"splits file not found: {path} (run `locallip download` first)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:  # zip/CRC/format errors come in many types
-        if "allow_pickle" in str(e) and zipfile.is_zipfile(path):
-            raise DataError(f"{path} holds Python objects (pickled arrays); refused, since loading them could run "
-                            f"code. A splits file holds only numbers") from None
-        raise DataError(f"cannot read splits file {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    arrays = read_npz(path, "splits file")
     missing = [k for k in ARRAY_KEYS + ("meta",) if k not in arrays]
     if missing:
         raise DataError(f"{path} is not a locallip splits file: missing {', '.join(missing)}")

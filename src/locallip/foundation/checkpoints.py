@@ -40,15 +40,16 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated, or carries non-tensor pickled objects
-        raise CheckpointError(f"cannot load checkpoint {path}: {_first_sentence(e)}") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {load_error(e)}") from None
     if not isinstance(obj, dict) or "state_dict" not in obj or "spec" not in obj:
         raise CheckpointError(f"{path} is not a locallip checkpoint (needs 'spec' and 'state_dict')")
     return obj
 
 
-def _first_sentence(e: BaseException) -> str:
-    """What went wrong, without library advice to load the file unsafely (which we never do)."""
-    msg = str(e)
+def load_error(e: BaseException) -> str:
+    """What went wrong, without library advice to load the file unsafely (which we never do), on one line
+    and without terminal colour codes."""
+    msg = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))
     if "Weights only load failed" in msg:
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
         what = f" ({m.group(1)})" if m else ""

@@ -100,6 +100,7 @@ def experiment_names(config_dir: Optional[Path] = None) -> List[str]:
 def compose(experiment: Optional[str] = None, overrides: Optional[List[str]] = None,
             config_dir: Optional[Path] = None) -> Config:
     """Compose, resolve and validate the configuration of one experiment; ConfigError names any problem."""
+    import yaml
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -123,6 +124,9 @@ def compose(experiment: Optional[str] = None, overrides: Optional[List[str]] = N
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             raw = hydra_compose(config_name="config", overrides=overrides)
+        if OmegaConf.is_missing(raw, "name"):  # results/<name>/ would be a guess: refuse instead
+            raise ConfigError(f"no experiment name: choose one (experiment=NAME; known: "
+                              f"{', '.join(experiment_names(config_dir))}) or set `name:` in the experiment file")
         raw_plain = OmegaConf.to_container(raw, resolve=True, throw_on_missing=True)
         raw_plain.pop("experiment", None)
         # Merging into the schema in struct mode rejects keys the schema lacks (`+train.epochz=3`).
@@ -130,6 +134,17 @@ def compose(experiment: Optional[str] = None, overrides: Optional[List[str]] = N
         cfg = OmegaConf.to_object(node)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"invalid configuration: {explain(e)}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid configuration: {yaml_error(e)}") from None
     finally:
         GlobalHydra.instance().clear()
     return validate(cfg)
+
+
+def yaml_error(e: Exception) -> str:
+    """A YAML syntax error on one line: the file, the line and column, and the problem."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    if mark is None:
+        return f"YAML syntax error: {problem}"
+    return f"{mark.name} line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {problem}"

@@ -84,6 +84,13 @@ def audit_failure(certificate_path: Path) -> Path:
     return Path(str(certificate_path) + ".audit-failed.json")
 
 
+def last_good(model_path: Path) -> Path:
+    """Where train keeps a copy of its last completed run's model and metrics (``train/last_good/``):
+    an orchestrator removes a job's outputs before rerunning it, and a failing rerun would
+    otherwise leave no model at all."""
+    return Path(model_path).parent / "last_good"
+
+
 def training_plot(name: str, results: Path = RESULTS) -> Path:
     return plots_dir(name, results) / "training.png"
 

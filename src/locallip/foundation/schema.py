@@ -189,7 +189,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    name: str = "mnist5k"
+    name: str = MISSING  # results/<name>/: every experiment sets it (none set is refused, not guessed)
     description: str = ""
     eps: float = 1.58  # the experiment's target radius; train.eps, calibrate.eps and certify.radii follow it
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

@@ -11,6 +11,7 @@ import torch
 
 from ..foundation.checkpoints import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from ..foundation.files import PathLike
+from .describe import UnsupportedModel, real_tensor
 from .models import model_from_spec
 
 
@@ -25,6 +26,11 @@ def load_model(path: PathLike, map_location: Any = "cpu") -> Tuple[Any, dict]:
     ckpt = load_checkpoint(path, map_location=map_location)
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {ckpt.get('format')!r}")
+    try:
+        for name, t in dict(ckpt["state_dict"]).items():
+            real_tensor(name, t)  # a complex or bool tensor would be cast silently by load_state_dict
+    except (UnsupportedModel, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
     try:
         model = model_from_spec(ckpt["spec"])
         model.load_state_dict(ckpt["state_dict"])

@@ -13,7 +13,10 @@ naming it, before any work.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +24,7 @@ from torch import nn
 from .activations import ClippedMaxMin, ClippedReLU, MaxMin, ReLU
 from .models import LipschitzNet, Normalize
 
+FORMAT = "locallip-sequential-1"
 SUPPORTED = ("conv2d", "linear", "flatten", "normalize", "relu", "clipped_relu", "maxmin", "clipped_maxmin")
 _HINT = f"supported layers: {', '.join(SUPPORTED)} (a plain Sequential: no pooling, normalisation layers or skips)"
 
@@ -62,15 +66,44 @@ def describe(model: nn.Module, input_shape: Sequence[int]) -> dict:
             layers.append({"type": "maxmin"})
         else:
             raise UnsupportedModel(f"layer {i} ({type(m).__name__}) is not supported; {_HINT}")
-    return {"format": "locallip-sequential-1", "input_shape": [int(s) for s in input_shape], "layers": layers}
+    return {"format": FORMAT, "input_shape": [int(s) for s in input_shape], "layers": layers}
 
 
-def _int_pair(v: Any, key: str) -> tuple:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(a, int) for a in v):
-        return tuple(v)
-    raise UnsupportedModel(f"{key} must be an integer or a pair of integers, got {v!r}")
+#: Sizes beyond these are refused before anything is allocated (a 269-byte description could
+#: otherwise ask for gigabytes): per layer dimension, per point's activations, and in all.
+MAX_SIZE = 1 << 24
+MAX_ACTIVATIONS = 1 << 28
+MAX_PARAMETERS = 1 << 28
+MAX_LAYERS = 1000
+MAX_DESCRIPTION_BYTES = 1 << 22
+
+
+def _int(spec: dict, key: str, where: str, low: int = 1, default: Any = None) -> int:
+    v = spec.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= MAX_SIZE:
+        raise UnsupportedModel(f"{where}: {key} must be an integer in [{low}, {MAX_SIZE}], got {_short(v)}")
+    return v
+
+
+def _int_pair(spec: dict, key: str, where: str, low: int = 1, default: Any = None) -> tuple:
+    v = spec.get(key, default)
+    pair = [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
+    if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+        raise UnsupportedModel(f"{where}: {key} must be an integer or a pair of integers, got {_short(v)}")
+    return tuple(_int({key: a}, key, where, low) for a in pair)
+
+
+def _floats(spec: dict, key: str, where: str) -> list:
+    v = spec.get(key)
+    if not (isinstance(v, list) and 0 < len(v) <= MAX_SIZE and all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in v)):
+        raise UnsupportedModel(f"{where}: {key} must be a non-empty list of finite numbers, got {_short(v)}")
+    return [float(a) for a in v]
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _require(spec: dict, keys: Sequence[str], where: str) -> None:
@@ -79,74 +112,170 @@ def _require(spec: dict, keys: Sequence[str], where: str) -> None:
         raise UnsupportedModel(f"{where}: missing {', '.join(missing)}")
 
 
+def _bias(spec: dict, where: str) -> bool:
+    if not isinstance(spec.get("bias", True), bool):
+        raise UnsupportedModel(f"{where}: bias must be true or false, got {_short(spec['bias'])}")
+    return spec.get("bias", True)
+
+
 def _layer(spec: Any, i: int) -> nn.Module:
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise UnsupportedModel(f"layer {i} must be an object with a 'type', got {spec!r}")
-    kind, where = spec["type"], f"layer {i} ({spec['type']})"
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise UnsupportedModel(f"layer {i} must be an object with a 'type' string, got {_short(spec)}")
+    kind = spec["type"]
+    where = f"layer {i} ({kind[:40]})"
     if kind == "conv2d":
         _require(spec, ("in_channels", "out_channels", "kernel_size"), where)
-        return nn.Conv2d(int(spec["in_channels"]), int(spec["out_channels"]), _int_pair(spec["kernel_size"], where),
-                         stride=_int_pair(spec.get("stride", 1), where), padding=_int_pair(spec.get("padding", 0), where),
-                         bias=bool(spec.get("bias", True)))
+        return nn.Conv2d(_int(spec, "in_channels", where), _int(spec, "out_channels", where),
+                         _int_pair(spec, "kernel_size", where), stride=_int_pair(spec, "stride", where, default=1),
+                         padding=_int_pair(spec, "padding", where, low=0, default=0), bias=_bias(spec, where))
     if kind == "linear":
         _require(spec, ("in_features", "out_features"), where)
-        return nn.Linear(int(spec["in_features"]), int(spec["out_features"]), bias=bool(spec.get("bias", True)))
+        return nn.Linear(_int(spec, "in_features", where), _int(spec, "out_features", where), bias=_bias(spec, where))
     if kind == "normalize":
         _require(spec, ("mean", "std"), where)
-        return Normalize(spec["mean"], spec["std"])
+        mean, std = _floats(spec, "mean", where), _floats(spec, "std", where)
+        if len(mean) != len(std) or min(std) <= 0:
+            raise UnsupportedModel(f"{where}: mean and std need one value per channel each, and std > 0")
+        return Normalize(mean, std)
     if kind in ("clipped_relu", "clipped_maxmin"):
         _require(spec, ("shape",), where)
-        return (ClippedReLU if kind == "clipped_relu" else ClippedMaxMin)(spec["shape"])
+        shape = spec["shape"]
+        if not (isinstance(shape, (list, tuple)) and shape and len(shape) <= 3):
+            raise UnsupportedModel(f"{where}: shape must be a list of 1 to 3 sizes, got {_short(shape)}")
+        shape = [_int({"shape": a}, "shape", where) for a in shape]
+        if kind == "clipped_maxmin" and shape[0] % 2:
+            raise UnsupportedModel(f"{where}: shape[0] must be even (channels are paired), got {shape[0]}")
+        return (ClippedReLU if kind == "clipped_relu" else ClippedMaxMin)(shape)
     simple = {"flatten": nn.Flatten, "relu": ReLU, "maxmin": MaxMin}
     if kind in simple:
         return simple[kind]()
     raise UnsupportedModel(f"{where} is not supported; {_HINT}")
 
 
-def build(description: Dict[str, Any]) -> LipschitzNet:
-    """The network a layer list describes (untrained: load its state_dict next), checked end to end."""
+def _checked_shape(description: Any) -> list:
+    """The description's outline (an object with a known format, an input shape, a list of layers)."""
     if not isinstance(description, dict) or "layers" not in description or "input_shape" not in description:
         raise UnsupportedModel("an architecture description needs 'input_shape' and 'layers'")
+    if description.get("format", FORMAT) != FORMAT:
+        raise UnsupportedModel(f"format must be {FORMAT!r}, got {_short(description['format'])}")
     shape = description["input_shape"]
-    if not (isinstance(shape, list) and len(shape) in (1, 3) and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise UnsupportedModel(f"input_shape must be [channels, height, width] (or [features]), got {shape!r}")
-    modules = [_layer(spec, i) for i, spec in enumerate(description["layers"])]
-    x = torch.zeros(1, *shape)
+    if not (isinstance(shape, list) and len(shape) in (1, 3) and all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_SIZE for s in shape)):
+        raise UnsupportedModel(f"input_shape must be [channels, height, width] (or [features]), got {_short(shape)}")
+    layers = description["layers"]
+    if not isinstance(layers, list) or not 0 < len(layers) <= MAX_LAYERS:
+        raise UnsupportedModel(f"layers must be a list of 1 to {MAX_LAYERS} layer objects, got {_short(layers)}")
+    return shape
+
+
+def outline(description: Dict[str, Any]) -> tuple:
+    """The layers built on the meta device (no memory) and run on a meta input: every layer checked
+    against its input, sizes within the limits. Returns ({name: shape} of the weights, classes)."""
+    shape = _checked_shape(description)
+    with torch.device("meta"):
+        modules = [_layer(spec, i) for i, spec in enumerate(description["layers"])]
+        x = torch.zeros(1, *shape)
     for i, m in enumerate(modules):
+        where = f"layer {i} ({description['layers'][i]['type']})"
+        if isinstance(m, Normalize) and (x.dim() != 4 or m.mean.numel() != x.shape[1]):
+            raise UnsupportedModel(f"{where} has {m.mean.numel()} channel(s), its input of shape "
+                                   f"{tuple(x.shape[1:])} has {x.shape[1] if x.dim() == 4 else 'no'} channels")
         try:
             x = m(x)
         except (RuntimeError, ValueError) as e:
-            raise UnsupportedModel(f"layer {i} ({description['layers'][i]['type']}) does not fit its input of shape "
-                                   f"{tuple(x.shape[1:])}: {str(e).splitlines()[0]}") from None
+            raise UnsupportedModel(f"{where} does not fit its input of shape {tuple(x.shape[1:])}: "
+                                   f"{str(e).splitlines()[0]}") from None
+        if x.numel() > MAX_ACTIVATIONS:
+            raise UnsupportedModel(f"{where} gives {x.numel():,} values per point (the limit is {MAX_ACTIVATIONS:,})")
     if x.dim() != 2:
         raise UnsupportedModel(f"the network must end with a Linear layer giving the logits, it gives shape "
                                f"{tuple(x.shape[1:])}")
-    return LipschitzNet(*modules, input_shape=shape, num_classes=int(x.shape[1]), spec={"description": description})
+    weights = {k: tuple(v.shape) for k, v in nn.Sequential(*modules).state_dict().items()}
+    total = sum(math.prod(s) for s in weights.values())
+    if total > MAX_PARAMETERS:
+        raise UnsupportedModel(f"the architecture declares {total:,} parameters (the limit is {MAX_PARAMETERS:,})")
+    return weights, int(x.shape[1])
 
 
-def load_weights(net: LipschitzNet, state: Dict[str, Any]) -> LipschitzNet:
-    """Load a state_dict into ``build``'s network: every parameter present, finite, of the right shape."""
-    expected = weights_of(net)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+def read_description(path: Any) -> dict:
+    """A layer list from a JSON file; UnsupportedModel naming the file if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"architecture description not found: {path}")
+    if path.stat().st_size > MAX_DESCRIPTION_BYTES:
+        raise UnsupportedModel(f"{path} is {path.stat().st_size:,} bytes: too large for a layer list")
+    def refuse(token: str):
+        raise UnsupportedModel(f"{path} holds {token}")
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+    except UnicodeDecodeError:
+        raise UnsupportedModel(f"{path} is not a text file (a JSON layer list is expected)") from None
+    except json.JSONDecodeError as e:
+        raise UnsupportedModel(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise UnsupportedModel(f"{path} is nested too deeply to be a layer list") from None
+
+
+def build(description: Dict[str, Any], state: Optional[Dict[str, Any]] = None) -> LipschitzNet:
+    """The network a layer list describes (untrained: load its state_dict next), checked end to end.
+
+    With ``state``, its names, types and shapes are compared with the description's first: nothing
+    is allocated for a description the weights do not fit.
+    """
+    weights, classes = outline(description)
+    if state is not None:
+        check_state(weights, state)
+    modules = [_layer(spec, i) for i, spec in enumerate(description["layers"])]
+    return LipschitzNet(*modules, input_shape=description["input_shape"], num_classes=classes,
+                        spec={"description": description})
+
+
+def real_tensor(k: str, v: Any) -> None:
+    """A tensor that holds ordinary real numbers (a bool, complex, sparse, meta or quantized one would be
+    cast, or fail, silently or deep inside)."""
+    if type(v) not in (torch.Tensor, nn.Parameter):
+        raise UnsupportedModel(f"weight {k} is a {type(v).__name__}, not a tensor")
+    problem = ("holds no data (a meta tensor)" if v.is_meta else
+               f"is a sparse tensor ({v.layout})" if v.layout != torch.strided else
+               "is quantized" if v.is_quantized else
+               f"is complex ({v.dtype})" if v.is_complex() else
+               f"is {v.dtype}, not floating point" if not v.is_floating_point() else None)
+    if problem:
+        raise UnsupportedModel(f"weight {k} {problem}; weights must be real floating-point tensors")
+
+
+def check_state(expected: Dict[str, tuple], state: Any) -> Dict[str, Any]:
+    """``state`` against the expected names and shapes; the names the network loads."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise UnsupportedModel("the weights must be a state_dict: a mapping of names to tensors")
     # A normalize layer's mean and std are in its description: the weights need not carry them.
-    state = dict(state)
-    for i, m in enumerate(net):
-        if isinstance(m, Normalize):
-            state.setdefault(f"{i}.mean", m.mean)
-            state.setdefault(f"{i}.std", m.std)
-    missing = sorted(set(expected) - set(state))
+    needed = {k for k in expected if not k.endswith((".mean", ".std")) or k in state}
+    missing = sorted(needed - set(state))
     unexpected = sorted(k for k in set(state) - set(expected) if not k.startswith("power_vector"))
     if missing or unexpected:
         raise UnsupportedModel(f"the weights do not match the architecture: missing {missing or 'none'}, "
                                f"unexpected {unexpected or 'none'}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
+    for k in sorted(needed):
+        real_tensor(k, state[k])
+        if tuple(state[k].shape) != tuple(expected[k]):
             raise UnsupportedModel(f"weight {k} has shape {tuple(state[k].shape)}, the architecture needs "
-                                   f"{tuple(v.shape)}")
-        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
-            raise UnsupportedModel(f"weight {k} holds NaN or inf")
-    net.load_state_dict({k: state[k] for k in expected}, strict=False)
+                                   f"{tuple(expected[k])}")
+    return {k: state[k] for k in needed}
+
+
+def load_weights(net: LipschitzNet, state: Dict[str, Any]) -> LipschitzNet:
+    """Load a state_dict into ``build``'s network: every parameter present, real, of the right shape, and
+    finite in the network's own precision (1e300 in float64 is inf in float32)."""
+    expected = weights_of(net)
+    given = check_state({k: tuple(v.shape) for k, v in expected.items()}, state)
+    cast = {}
+    for k, v in given.items():
+        cast[k] = v.detach().to(dtype=expected[k].dtype, device="cpu")
+        if not torch.isfinite(cast[k]).all():
+            raise UnsupportedModel(f"weight {k} holds NaN or inf" + (
+                "" if v.dtype == expected[k].dtype else f" once converted from {v.dtype} to {expected[k].dtype}"))
+    net.load_state_dict(cast, strict=False)
     return net
 
 

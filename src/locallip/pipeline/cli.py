@@ -13,13 +13,14 @@ YAML, optionally ``--cfg-key a.b`` inside it). Paths default to the layout in
     locallip report experiment=mnist5k_r158
     locallip certify-model --model net.safetensors --arch net.json --data test.npz --radius 0.5
 
-Exit status: 0 done, 2 bad input (a one-line message), 3 the attack audit broke a
+Exit status: 0 done, 1 a system error (disk full, read-only file system), 2 bad input (a one-line message), 3 the attack audit broke a
 certificate, 4 training diverged, 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from importlib import import_module
 from pathlib import Path
@@ -139,6 +140,10 @@ def _run_stage(args) -> int:
         given = getattr(args, key)
         value = given if given not in (None, []) else defaults.get(key)
         paths[key] = [Path(v) for v in value] if isinstance(value, list) else (None if value is None else Path(value))
+    from ..foundation.files import check_distinct
+
+    check_distinct({k: v for k, v in paths.items() if k not in s.outputs(name, radius)},
+                   {k: v for k, v in paths.items() if k in s.outputs(name, radius)}, f"locallip {s.name}")
     fn = getattr(import_module(f"locallip.{s.module}"), s.function)
     fn(cfg, run=run, **paths)
     return 0
@@ -171,7 +176,11 @@ def _cmd_certify_model(args) -> int:
         data["normalization"] = {"mean": list(args.mean or []), "std": list(args.std or [])}
     if args.guarantee:
         data.setdefault("certify", {})["guarantee"] = args.guarantee
-    data.setdefault("name", Path(data.get("model") or "external").stem)
+    if "name" not in data:  # inferred from the weights' file name: made a valid name, not refused
+        data["name"] = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(data.get("model") or "external").stem).strip("_-") \
+            or "external"
+    if any(float(r) <= 0 for r in data.get("radii") or []):
+        raise ConfigError("certify-model radii must be > 0 (a radius of 0 certifies nothing)")
     cfg = from_plain(ExternalModel, data, "certify-model settings")
     run = RunConfig(progress=True if args.progress is None else args.progress, threads=args.threads or 0)
     from ..stages.certify_model import run_certify_model
@@ -263,6 +272,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"locallip {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only mount, a device error: the system's, not the input's
+        print(f"locallip {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # stage-specific failures with a message of their own
         name = type(e).__name__
         if name == "AuditFailure":

@@ -11,8 +11,8 @@ pipeline's certify, radii and report stages write, under one directory:
 """
 from __future__ import annotations
 
-import json
 import time
+import warnings
 from pathlib import Path
 from typing import Tuple
 
@@ -20,15 +20,21 @@ import numpy as np
 import torch
 
 from ..bounds import network_layers
-from ..certify.split import certify_split, radii_split, write_certificate
-from ..data.splits import DataError, load_splits
+from ..certify.split import AuditFailure, certify_split, radii_split, write_certificate
+from ..data.splits import DataError, load_splits, read_npz
 from ..foundation.compose import plain
-from ..foundation.files import csv_text, file_digest, stage_lock, write_text
+from ..foundation.files import check_replaceable, csv_text, file_digest, replaced_directory, write_text
 from ..foundation.provenance import code_version
 from ..foundation.ranges import radius_tag
 from ..foundation.schema import ExternalModel, RunConfig
-from ..nn.describe import UnsupportedModel, build, load_weights
+from ..foundation.checkpoints import load_error
+from ..nn.describe import UnsupportedModel, build, check_state, load_weights, outline, read_description
 from ..nn.models import Normalize
+
+
+#: What certify-model writes in its output directory, which it replaces as a whole: anything
+#: else there (a pipeline experiment's train/, data/...) makes it refuse the directory.
+OUTPUTS = ("report.md", "certify")
 
 
 def load_weights_file(path: Path) -> dict:
@@ -41,35 +47,44 @@ def load_weights_file(path: Path) -> dict:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on what it checks: the refusal below says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or holding pickled objects
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UnsupportedModel(f"cannot load weights {path}: {msg} (only tensors are read; nothing in the file runs)")
+        raise UnsupportedModel(f"cannot load weights {path}: {load_error(e)} (only tensors are read; nothing in "
+                               f"the file runs)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return state
 
 
 def load_network(cfg: ExternalModel):
-    """The network: its layers from the description (the normalization in front), then its weights."""
+    """The network: its layers from the description (the normalization in front), then its weights.
+
+    The description is checked and compared with the weights' names and shapes before the network
+    is allocated; an error names the file at fault."""
     arch = Path(cfg.architecture)
-    if not arch.is_file():
-        raise FileNotFoundError(f"architecture description not found: {arch}")
-    try:
-        description = json.loads(arch.read_text())
-    except json.JSONDecodeError as e:
-        raise UnsupportedModel(f"{arch} is not valid JSON: {e}") from None
+    description = read_description(arch)
     state = load_weights_file(Path(cfg.model))
-    if cfg.normalization.mean:
-        layers = list(description.get("layers") or [])
+    if cfg.normalization.mean and isinstance(description, dict):
+        layers = description.get("layers")
+        layers = layers if isinstance(layers, list) else []
         if layers and isinstance(layers[0], dict) and layers[0].get("type") == "normalize":
-            raise UnsupportedModel("the architecture already starts with a normalize layer; leave normalization empty")
+            raise UnsupportedModel(f"{arch} already starts with a normalize layer; leave normalization empty")
         description = dict(description, layers=[{"type": "normalize", "mean": list(cfg.normalization.mean),
                                                  "std": list(cfg.normalization.std)}] + layers)
         # the layers' indices in the state_dict move by one
         state = {(f"{int(k.split('.', 1)[0]) + 1}.{k.split('.', 1)[1]}" if k.split(".", 1)[0].isdigit() else k): v
-                 for k, v in state.items()}
-    net = load_weights(build(description), state)
+                 for k, v in state.items()} if isinstance(state, dict) else state
+    try:
+        expected, _ = outline(description)
+    except UnsupportedModel as e:
+        raise UnsupportedModel(f"{arch}: {e}") from None
+    try:
+        check_state(expected, state)
+        net = load_weights(build(description), state)
+    except UnsupportedModel as e:
+        raise UnsupportedModel(f"{cfg.model}: {e}") from None
     network_layers(net.eval())  # the bounds' own check of the layer order
     return net, description
 
@@ -86,16 +101,12 @@ def load_points(cfg: ExternalModel, net) -> Tuple[torch.Tensor, torch.Tensor, st
         x, y, what = splits.test_x, splits.test_y, f"{src} (test split)"
     else:
         path = Path(src)
-        if not path.is_file():
-            raise FileNotFoundError(f"data not found: {path}")
-        with np.load(path, allow_pickle=False) as z:
-            names = set(z.files)
-        if "test_x" in names:
+        arrays = read_npz(path, "points file")
+        if "test_x" in arrays:
             splits = load_splits(path)
             x, y, what = splits.test_x, splits.test_y, f"{path} (test split)"
-        elif {"x", "y"} <= names:
-            with np.load(path, allow_pickle=False) as z:
-                x, y, what = z["x"], z["y"], str(path)
+        elif {"x", "y"} <= set(arrays):
+            x, y, what = arrays["x"], arrays["y"], str(path)
         else:
             raise DataError(f"{path} holds neither arrays 'x' and 'y' nor a locallip splits file")
     return _checked(np.asarray(x), np.asarray(y), net, what, cfg.limit)
@@ -116,7 +127,9 @@ def _checked(x: np.ndarray, y: np.ndarray, net, what: str, limit) -> Tuple[torch
     if x.dtype == np.uint8:
         xt = torch.from_numpy(x.astype(np.float32) / 255.0)
     elif np.issubdtype(x.dtype, np.floating):
-        if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        if not np.isfinite(x).all():
+            raise DataError(f"{what}: images hold NaN or inf (x, {int((~np.isfinite(x)).sum())} values)")
+        if x.min() < 0 or x.max() > 1:
             raise DataError(f"{what}: float images must lie in [0, 1] (radii are l2 distances in those units); got "
                             f"values in [{float(np.nanmin(x)):.3g}, {float(np.nanmax(x)):.3g}]")
         xt = torch.from_numpy(x.astype(np.float32))
@@ -130,6 +143,7 @@ def _checked(x: np.ndarray, y: np.ndarray, net, what: str, limit) -> Tuple[torch
 def run_certify_model(cfg: ExternalModel, out: Path, run: RunConfig = RunConfig()) -> dict:
     """Check everything, then certify at every radius, the per-point radii and a short report under ``out``."""
     out = Path(out)
+    check_replaceable(out, "certify-model", OUTPUTS)  # before any work: never over a pipeline experiment
     net, description = load_network(cfg)
     x, y, what = load_points(cfg, net)
     if run.threads > 0:
@@ -138,7 +152,8 @@ def run_certify_model(cfg: ExternalModel, out: Path, run: RunConfig = RunConfig(
             "architecture": {"path": str(cfg.architecture), "sha256": file_digest(cfg.architecture)},
             "data": what, "settings": plain(cfg), "code_version": code_version("stages.certify_model")}
     summaries = []
-    with stage_lock(out / "report.md", "certify-model"):
+    # The run writes into a staging directory that replaces ``out`` only when complete (Ctrl-C: old kept).
+    with replaced_directory(out, "certify-model", OUTPUTS, publish_on=(AuditFailure,)) as out:
         for r in cfg.radii:
             t0 = time.perf_counter()
             result = certify_split(net, x, y, float(r), cfg.certify, progress=run.progress)

@@ -29,6 +29,7 @@ def run_export(cfg: ExportStage, data: Path, model: Path, weights: Path, archite
     net, ck = load_model(Path(model))
     results = Path(model).parents[2]  # results/<experiment>/calibrate/model.pt
     certs = [read_json(certificate(cfg.name, r, results)) for r in cfg.radii]
+    _check_certified_this_model(certs, model, [certificate(cfg.name, r, results) for r in cfg.radii])
     splits = load_splits(Path(data))
     description = describe(net, net.input_shape)
     info = {"experiment": cfg.name, "format": "safetensors state_dict + locallip-sequential-1 layer list",
@@ -49,6 +50,17 @@ def run_export(cfg: ExportStage, data: Path, model: Path, weights: Path, archite
         write_json(card_json, info)
         write_text(card, _card_text(info, weights, architecture))
     return info
+
+
+def _check_certified_this_model(certs: List[dict], model: Path, paths: List[Path]) -> None:
+    """Refuse certificates made for another model (an older calibration, another training run):
+    the card would attach their accuracies to these weights."""
+    digest = file_digest(model)
+    for c, path in zip(certs, paths):
+        made_for = ((c.get("provenance") or {}).get("model") or {}).get("sha256")
+        if made_for != digest:
+            raise ValueError(f"{path} certifies another model (sha256 {str(made_for)[:12]}..., {model} is "
+                             f"{digest[:12]}...): stale certificate; rerun certify for every radius, then export")
 
 
 def _card_row(c: dict) -> dict:

@@ -24,7 +24,8 @@ from ..data.splits import augment, load_splits, to_tensors
 from ..distributed import Group, choose_device, process_group, set_threads
 from ..foundation.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from ..foundation.compose import plain
-from ..foundation.files import stage_lock, write_json
+from ..foundation.files import keep_copy, stage_lock, write_json
+from ..foundation.layout import last_good
 from ..foundation.provenance import code_version
 from ..foundation.schema import RunConfig, TrainStage
 from ..nn.activations import threshold_mean
@@ -92,9 +93,21 @@ def run_train(cfg: TrainStage, data: Path, out: Path, metrics: Path, state: Path
     """
     with process_group(str(cfg.train.device)) as group:
         with (stage_lock(out, "train") if group.main else nullcontext()):
-            result = _train(cfg, Path(data), Path(out), Path(metrics), Path(state), run, group)
+            try:
+                result = _train(cfg, Path(data), Path(out), Path(metrics), Path(state), run, group)
+            except (TrainingDiverged, ValueError, CheckpointError, FileNotFoundError) as e:
+                _name_the_kept_copy(e, Path(out))
+                raise
         group.barrier()
     return result
+
+
+def _name_the_kept_copy(e: Exception, out: Path) -> None:
+    """Say in the error where the last good model is, when a run fails and its outputs may be gone
+    (Snakemake and DVC remove a job's outputs before running it)."""
+    kept = last_good(out)
+    if (kept / out.name).is_file() and len(e.args) == 1 and isinstance(e.args[0], str):
+        e.args = (f"{e.args[0]} (the last completed run's model and metrics are kept in {kept}/)",)
 
 
 def _start(cfg: TrainStage, splits, state: Path, group: Group) -> _Run:
@@ -237,6 +250,7 @@ def _finish(run: _Run, out: Path, metrics: Path, train_time: float, train_size: 
                "params": sum(p.numel() for p in run.model.parameters()), "train_size": train_size,
                "code_version": version, "settings": plain(cfg), "processes": group.world}
     write_json(metrics, summary)
+    keep_copy([out, metrics], last_good(out))
     for old in run.best_path.parent.glob("best*.pt"):
         if old != run.best_path:
             old.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from omegaconf import II, MISSING
 
-from .choices import (Activation, Arch, Bound, Choice, DatasetName, Device, DType, Guarantee,  # noqa: F401
+from .choices import (Activation, Arch, Audit, Bound, Choice, DatasetName, Device, DType, Guarantee,  # noqa: F401
                       LastLayer, NormSolver, Loss, MaskedNorms, Method, Ramp)  # (re-exported: the schema's types)
 
 
@@ -268,6 +268,10 @@ class ExternalModel:
     # unless its architecture starts with a normalize layer already.
     normalization: Normalization = field(default_factory=Normalization)
     certify: CertifySettings = field(default_factory=CertifySettings)
+    # PGD against every certified point: full (certify.attack), quick (10 steps, 1 start; a sanity
+    # check at a small fraction of the cost) or off (the report then says nothing was attacked).
+    audit: Audit = Audit.full
+    # The per-point radii (certify/radii.csv); curve.max_radius null: twice the largest of radii.
     curve: CurveConfig = field(default_factory=CurveConfig)
 
 

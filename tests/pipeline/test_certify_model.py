@@ -228,7 +228,8 @@ def _the_docs_state_what_the_example_printed(doc: str, out: Path):
     n_correct = round(s01["clean_acc"] * s01["n"])
     claims = [
         f"{n_correct} of the {s01['n']} points are classified correctly",
-        f"the screen excluded {steps[0.1]['excluded_by_screen']} at 0.1 and {steps[0.3]['excluded_by_screen']} at 0.3",
+        f"excluded all of them, {steps[0.1]['excluded_by_screen']} at 0.1 and "
+        f"{steps[0.3]['excluded_by_screen']} at 0.3",
         f"({s01['attack']['certified']['checked']} and {s03['attack']['certified']['checked']})",
         f"({s01['attack']['misclassified_robust']['checked']} and {s03['attack']['misclassified_robust']['checked']})",
         f"searched on [0, {radii['max_radius']:g}]", f"relative tolerance of {100 * radii['tol']:g} %",
@@ -240,6 +241,8 @@ def _the_docs_state_what_the_example_printed(doc: str, out: Path):
         f"the boxes add {'one point' if steps[0.1]['box'] == '1' else steps[0.1]['box']}",
     ]
     assert steps[0.3]["global"] == steps[0.3]["certified"]
+    for r, s in ((0.1, s01), (0.3, s03)):  # "all of them": every correct point left uncertified was excluded
+        assert int(steps[r]["excluded_by_screen"]) == n_correct - s["steps"]["certified"]
     for claim in claims:
         assert claim in prose, claim
 

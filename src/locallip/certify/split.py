@@ -50,8 +50,9 @@ def write_certificate(out: Path, table: Path, result: dict) -> dict:
             Path(stale).unlink(missing_ok=True)
         write_json(failed, {"summary": s, "broken": [r for r in result["rows"]
                                                     if r["attack_margin"] is not None and r["attack_margin"] <= 0]})
-        raise AuditFailure(f"PGD broke {s['attack']['broken']} of {s['attack']['checked']} certified points at "
-                           f"radius {s['radius']}: a certificate is wrong. Details: {failed}")
+        raise AuditFailure(f"PGD broke {s['attack']['broken']} of the {s['attack']['checked']} points it attacked "
+                           f"(certified, or misclassified and proven robust) at radius {s['radius']}: a certificate "
+                           f"is wrong. Details: {failed}")
     write_text(table, csv_text(result["rows"]))
     write_json(out, s)
     failed.unlink(missing_ok=True)

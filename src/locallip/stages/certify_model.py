@@ -153,7 +153,11 @@ def run_certify_model(cfg: ExternalModel, out: Path, run: RunConfig = RunConfig(
             summaries.append(write_certificate(Path(f"{cert}.json"), Path(f"{cert}.csv"), result))
             print(f"[certify-model] {cfg.name} {s['headline']}; clean {s['clean_acc']:.3f}; audit {audit_cell(s)} "
                   f"(certification {s['timing']['certification_s']:.2f}s, audit {s['timing']['audit_s']:.2f}s)")
-        radii = _per_point_radii(cfg, net, x, y, out, run) if cfg.curve.enabled else None
+        radii = None
+        if cfg.curve.enabled:
+            rows, radii = _per_point_radii(cfg, net, x, y, run)
+            write_text(out / "certify" / "radii.csv", csv_text(rows))
+            write_json(out / "certify" / "radii.json", radii)
         write_text(out / "certify" / "steps.csv", steps_csv(summaries))
         total = time.perf_counter() - t_start
         write_json(out / "summary.json", overview(cfg, summaries, radii, total))
@@ -161,15 +165,14 @@ def run_certify_model(cfg: ExternalModel, out: Path, run: RunConfig = RunConfig(
     return {"radii": [s["radius"] for s in summaries], "certified": [s["certified_acc_local"] for s in summaries]}
 
 
-def _per_point_radii(cfg: ExternalModel, net, x, y, out: Path, run: RunConfig) -> dict:
-    """``certify/radii.csv`` and, beside it, ``radii.json`` (the search's range and tolerance)."""
+def _per_point_radii(cfg: ExternalModel, net, x, y, run: RunConfig) -> Tuple[list, dict]:
+    """The rows of ``certify/radii.csv`` and what ``radii.json`` says beside it (the search's range,
+    tolerance and seconds)."""
     t0 = time.perf_counter()
     top = cfg.curve.max_radius or 2 * max(cfg.radii)
     rows = radii_split(net, x, y, cfg.certify, top, cfg.curve.tol, progress=run.progress,
                        batch_size=cfg.curve.batch_size)
     record = radii_record(rows, top, cfg.curve.tol, str(cfg.certify.guarantee), time.perf_counter() - t0)
-    write_text(out / "certify" / "radii.csv", csv_text(rows))
-    write_json(out / "certify" / "radii.json", record)
     print(f"[certify-model] {cfg.name} per-point radii on [0, {top:g}], tolerance {cfg.curve.tol:g} "
           f"({record['time_s']:.2f}s)")
-    return record
+    return rows, record

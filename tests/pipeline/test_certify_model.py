@@ -208,8 +208,43 @@ def test_the_docs_worked_example_runs_as_written(tmp_path):
         cmd = [sys.executable, "-c", code] if lang == "python" else ["bash", "-ec", code]
         p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, (lang, p.stdout[-2000:], p.stderr[-2000:])
-    report = (tmp_path / "results" / "external" / "net" / "report.md").read_text()
+    out = tmp_path / "results" / "external" / "net"
+    report = (out / "report.md").read_text()
     assert "| 0.1 |" in report and "| 0.3 |" in report and "0/" in report
+    _the_docs_state_what_the_example_printed(doc, out)
+
+
+def _the_docs_state_what_the_example_printed(doc: str, out: Path):
+    """The report lines the docs quote are the report's; the counts their prose states are the outputs'."""
+    stated = re.findall(r"```text\n(.*?)```", doc, flags=re.S)
+    assert len(stated) == 1
+    report_lines = set((out / "report.md").read_text().splitlines())
+    for line in stated[0].strip().splitlines():
+        assert line in report_lines, line
+    prose = " ".join(doc.split())
+    steps = {float(r["radius"]): r for r in csv.DictReader(open(out / "certify" / "steps.csv"))}
+    s01, s03 = (json.loads((out / "certify" / f"radius_{r}.json").read_text()) for r in ("0.1", "0.3"))
+    radii = json.loads((out / "certify" / "radii.json").read_text())
+    n_correct = round(s01["clean_acc"] * s01["n"])
+    claims = [
+        f"{n_correct} of the {s01['n']} points are classified correctly",
+        f"excluded all of them, {steps[0.1]['excluded_by_screen']} at 0.1 and "
+        f"{steps[0.3]['excluded_by_screen']} at 0.3",
+        f"({s01['attack']['certified']['checked']} and {s03['attack']['certified']['checked']})",
+        f"({s01['attack']['misclassified_robust']['checked']} and {s03['attack']['misclassified_robust']['checked']})",
+        f"searched on [0, {radii['max_radius']:g}]", f"relative tolerance of {100 * radii['tol']:g} %",
+        f"{radii['global_above_max_radius']} of the {radii['points']} points have a global radius above "
+        f"{radii['max_radius']:g}",
+        f"costs it {s01['steps']['certified'] - s03['steps']['certified']} of its {s01['steps']['certified']}",
+        f"`guarantee_level` says `{s01['guarantee_level']}`",
+        f"({steps[0.1]['global']} of {steps[0.1]['certified']} at 0.1, all {steps[0.3]['certified']} at 0.3)",
+        f"the boxes add {'one point' if steps[0.1]['box'] == '1' else steps[0.1]['box']}",
+    ]
+    assert steps[0.3]["global"] == steps[0.3]["certified"]
+    for r, s in ((0.1, s01), (0.3, s03)):  # "all of them": every correct point left uncertified was excluded
+        assert int(steps[r]["excluded_by_screen"]) == n_correct - s["steps"]["certified"]
+    for claim in claims:
+        assert claim in prose, claim
 
 
 def test_models_declared_in_config_external_build_through_snakemake(saved, tmp_path):

@@ -32,6 +32,12 @@ from .summary import split_summary
 Tensor = torch.Tensor
 
 
+#: What the audit attacks, tallied apart: the certified points (correct and robust at some level), and the
+#: misclassified points whose wrong prediction is itself robust (their margins are certified too, so the
+#: attack checks them, but they are not certified points).
+AUDIT_GROUPS = ("certified", "misclassified_robust")
+
+
 class AuditFailure(RuntimeError):
     """The attack broke a certified point: the bound or its implementation is wrong."""
 
@@ -47,8 +53,9 @@ def write_certificate(out: Path, table: Path, result: dict) -> dict:
             Path(stale).unlink(missing_ok=True)
         write_json(failed, {"summary": s, "broken": [r for r in result["rows"]
                                                     if r["attack_margin"] is not None and r["attack_margin"] <= 0]})
-        raise AuditFailure(f"PGD broke {s['attack']['broken']} of {s['attack']['checked']} certified points at "
-                           f"radius {s['radius']}: a certificate is wrong. Details: {failed}")
+        raise AuditFailure(f"PGD broke {s['attack']['broken']} of the {s['attack']['checked']} points it attacked "
+                           f"(certified, or misclassified and proven robust) at radius {s['radius']}: a certificate "
+                           f"is wrong. Details: {failed}")
     write_text(table, csv_text(result["rows"]))
     write_json(out, s)
     failed.unlink(missing_ok=True)
@@ -81,9 +88,10 @@ def prepare(model: nn.Module, x: Tensor, cfg) -> Tuple[nn.Module, GlobalBound, t
 
 
 def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, progress: bool = True,
-                  group: Optional[Group] = None) -> dict:
+                  group: Optional[Group] = None, audit: bool = True) -> dict:
     """Certify a split at ``radius`` with the global bound and the local certificate at every configured
-    level, and audit every certified point by PGD. Returns ``{"summary", "rows"}``.
+    level, and audit every certified point by PGD (``audit=False``: attack nothing). Returns
+    ``{"summary", "rows"}``; the summary's ``timing`` holds the seconds of certification and audit.
 
     ``cfg.guarantee`` is the headline level; ``cfg.extra_guarantees`` are reported beside it.
     """
@@ -94,13 +102,16 @@ def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, pr
     headline = str(cfg.guarantee)
     levels = [headline] + [str(lv) for lv in cfg.extra_guarantees if str(lv) != headline]
     part = {"rows": [], "timing": {lv: 0.0 for lv in levels}, "infos": {lv: [] for lv in levels},
-            "audited": 0, "broken": 0, "broken_levels": {lv: 0 for lv in levels + ["global"]}, "levels": levels}
+            "audited": 0, "broken": 0, "broken_levels": {lv: 0 for lv in levels + ["global"]}, "levels": levels,
+            "audit_groups": {k: {"checked": 0, "broken": 0} for k in AUDIT_GROUPS},
+            "seconds": {"certification": 0.0, "audit": 0.0}}
     t0 = time.perf_counter()
     todo = list(batches(x.shape[0], cfg.batch_size, cfg.seed, group))
     for start, gen in tqdm(todo, desc=f"certify r={radius:g}", disable=None if (progress and group.main) else True,
                            unit="batch"):
         xb = x[start:start + cfg.batch_size].to(device=device, dtype=dtype)
         yb = y[start:start + cfg.batch_size].to(device)
+        t_batch = time.perf_counter()
         glo = certify(model, xb, yb, radius, "global", global_result=g)
         certs: Dict[str, Certificate] = {}
         for lv in levels:
@@ -109,16 +120,24 @@ def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, pr
                                 global_result=g)
             part["timing"][lv] += time.perf_counter() - t1
             part["infos"][lv].append(certs[lv].record)
-        attack_margin = _audit(model, xb, radius, glo, certs, cfg.attack, gen, part)
+        t2 = time.perf_counter()
+        attack_margin = _audit(model, xb, radius if audit else 0.0, glo, certs, cfg.attack, gen, part)
+        part["seconds"]["certification"] += t2 - t_batch
+        part["seconds"]["audit"] += time.perf_counter() - t2
         part["rows"] += _rows(start, yb, glo, certs, levels, attack_margin)
     parts = group.all_gather(part)
     rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: r["index"])
-    return {"summary": split_summary(parts, rows, radius, cfg, g, device, dtype, time.perf_counter() - t0),
-            "rows": rows}
+    summary = split_summary(parts, rows, radius, cfg, g, device, dtype, time.perf_counter() - t0)
+    summary["attack"].update({k: {f: sum(p["audit_groups"][k][f] for p in parts) for f in ("checked", "broken")}
+                              for k in AUDIT_GROUPS}, performed=bool(audit and radius > 0))
+    # seconds of the slowest process (the ranks run at once)
+    summary["timing"] = {f"{k}_s": max(p["seconds"][k] for p in parts) for k in ("certification", "audit")}
+    return {"summary": summary, "rows": rows}
 
 
 def _audit(model, xb, radius: float, glo: Certificate, certs: Dict[str, Certificate], attack, gen, part) -> Tensor:
-    """PGD at ``radius`` against every point certified at any level; tallies what it breaks."""
+    """PGD at ``radius`` against every point robust at any level; tallies what it breaks (radius 0:
+    attacks nothing)."""
     check = glo.robust.clone()
     for c in certs.values():
         check |= c.robust
@@ -138,6 +157,9 @@ def _audit(model, xb, radius: float, glo: Certificate, certs: Dict[str, Certific
     for lv, c in certs.items():
         part["broken_levels"][lv] += int((hit & c.robust).sum())
     part["broken_levels"]["global"] += int((hit & glo.robust).sum())
+    for name, members in zip(AUDIT_GROUPS, (check & glo.correct, check & ~glo.correct)):
+        part["audit_groups"][name]["checked"] += int(members.sum())
+        part["audit_groups"][name]["broken"] += int((hit & members).sum())
     return attack_margin
 
 
@@ -155,6 +177,12 @@ def _guarantee_of(c: Certificate, i: int) -> str:
     return "exact" if bool(c.deterministic[i]) else guarantee
 
 
+def _step_of(c: Certificate, i: int) -> str:
+    """The step that decided point i; ``misclassified`` for every misclassified point, also one whose
+    wrong prediction a step proved robust (that proves nothing about its label)."""
+    return STEPS[int(c.step[i])] if bool(c.correct[i]) else "misclassified"
+
+
 def _rows(start: int, yb: Tensor, glo: Certificate, certs: Dict[str, Certificate], levels: List[str],
           attack_margin: Tensor) -> List[dict]:
     loc = certs[levels[0]]
@@ -164,14 +192,14 @@ def _rows(start: int, yb: Tensor, glo: Certificate, certs: Dict[str, Certificate
                "worst_margin_local": _finite(loc.worst_margin[i]), "worst_margin_global": _finite(glo.worst_margin[i]),
                "bound_local": _finite(loc.bound[i]), "bound_global": _finite(glo.bound[i]),
                "certified_local": bool(loc.certified[i]), "certified_global": bool(glo.certified[i]),
-               "step_local": STEPS[int(loc.step[i])], "guarantee_local": _guarantee_of(loc, i),
+               "step_local": _step_of(loc, i), "guarantee_local": _guarantee_of(loc, i),
                "converged": bool(loc.converged[i])}
         for lv in levels[1:]:
             c = certs[lv]
             row[f"certified_{lv}"] = bool(c.certified[i])
             row[f"worst_margin_{lv}"] = _finite(c.worst_margin[i])
             row[f"bound_{lv}"] = _finite(c.bound[i])
-            row[f"step_{lv}"] = STEPS[int(c.step[i])]
+            row[f"step_{lv}"] = _step_of(c, i)
         row["attack_margin"] = _finite(attack_margin[i])  # empty where the point was not attacked
         rows.append(row)
     return rows
@@ -181,6 +209,9 @@ def radii_split(model: nn.Module, x: Tensor, y: Tensor, cfg, max_radius: float, 
                 progress: bool = True, group: Optional[Group] = None, batch_size: Optional[int] = None) -> List[dict]:
     """Per point: the largest radius certified by the local certificate (at ``cfg.guarantee``)
     and by the global one (closed form), in batches of ``batch_size`` (default ``cfg.batch_size``).
+    The local search runs on [0, ``max_radius``] to the relative width ``rtol``; the local radius
+    written is the larger of its result and the global radius (every local certificate starts with
+    the global step, so it is never below it, and the global radius is not capped).
     Sharded like ``certify_split``; rows sorted by index."""
     from tqdm import tqdm
 
@@ -198,12 +229,14 @@ def radii_split(model: nn.Module, x: Tensor, y: Tensor, cfg, max_radius: float, 
             pred = clean.logits.argmax(1)
             r_glob = global_certified_radius(model, xb, yb, g.lipschitz, clean=clean).cpu()
             r_loc = certified_radius(model, xb, yb, settings, max_radius=max_radius, rtol=rtol, generator=gen,
-                                     global_result=g, clean=clean)
+                                     global_result=g, clean=clean).cpu()
+            # The cascade includes the global step: its radius is never below the global one.
+            r_loc = torch.maximum(r_loc.double(), r_glob.double())
         for i in range(xb.shape[0]):
             rows.append({"index": start + i, "label": int(yb[i]), "prediction": int(pred[i]),
                          "certified_radius_local": float(r_loc[i]), "certified_radius_global": float(r_glob[i])})
     return sorted((r for part in group.all_gather(rows) for r in part), key=lambda r: r["index"])
 
 
-__all__ = ["AuditFailure", "CERTIFYING_STEPS", "GUARANTEED", "batches", "certification_dtype", "certify_split",
-           "level_settings", "prepare", "radii_split", "write_certificate"]
+__all__ = ["AUDIT_GROUPS", "AuditFailure", "CERTIFYING_STEPS", "GUARANTEED", "batches", "certification_dtype",
+           "certify_split", "level_settings", "prepare", "radii_split", "write_certificate"]

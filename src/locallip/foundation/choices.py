@@ -74,6 +74,13 @@ class Guarantee(Choice):
     estimate = "estimate"
 
 
+class Audit(Choice):
+    """How certify-model attacks its certificates: the configured PGD, a cheaper one, or not at all."""
+    full = "full"
+    quick = "quick"
+    off = "off"
+
+
 class Method(Choice):
     lanczos = "lanczos"
     power = "power"

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from omegaconf import II, MISSING
 
-from .choices import (Activation, Arch, Bound, Choice, DatasetName, Device, DType, Guarantee,  # noqa: F401
+from .choices import (Activation, Arch, Audit, Bound, Choice, DatasetName, Device, DType, Guarantee,  # noqa: F401
                       LastLayer, NormSolver, Loss, MaskedNorms, Method, Ramp, Switch)  # (re-exported: the schema's types)
 
 
@@ -119,8 +119,7 @@ class CertifySettings:
     masked_step: bool = True  # cascade: try masked layer norms on the points global and box leave open
     screen_steps: int = 8  # cascade: Lanczos steps of the from-below estimate that excludes points
     # cascade: a linear relaxation (CROWN) as the last step, for the correct points still undecided (about
-    # 0.1 s a point on a small CNN). auto: on for certify-model (networks trained anywhere), off in the
-    # pipeline (its networks are trained for a Lipschitz certificate, where the step finds nothing).
+    # 0.1 s a point on a small CNN). auto is off for now (on: ask for it).
     linear_relaxation: Switch = Switch.auto
     extra_guarantees: List[Guarantee] = field(default_factory=list)  # further levels reported beside it
     delta: float = 1.0e-9  # probabilistic: failure probability per certified point (union over layers)
@@ -271,6 +270,10 @@ class ExternalModel:
     # unless its architecture starts with a normalize layer already.
     normalization: Normalization = field(default_factory=Normalization)
     certify: CertifySettings = field(default_factory=CertifySettings)
+    # PGD against every certified point: full (certify.attack), quick (10 steps, 1 start; a sanity
+    # check at a small fraction of the cost) or off (the report then says nothing was attacked).
+    audit: Audit = Audit.full
+    # The per-point radii (certify/radii.csv); curve.max_radius null: twice the largest of radii.
     curve: CurveConfig = field(default_factory=CurveConfig)
 
 

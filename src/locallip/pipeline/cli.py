@@ -176,6 +176,12 @@ def _cmd_certify_model(args) -> int:
         data["normalization"] = {"mean": list(args.mean or []), "std": list(args.std or [])}
     if args.guarantee:
         data.setdefault("certify", {})["guarantee"] = args.guarantee
+    if args.audit:
+        data["audit"] = args.audit
+    if args.no_radii:
+        data.setdefault("curve", {})["enabled"] = False
+    if args.max_radius is not None:
+        data.setdefault("curve", {})["max_radius"] = args.max_radius
     if "name" not in data:  # inferred from the weights' file name: made a valid name, not refused
         data["name"] = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(data.get("model") or "external").stem).strip("_-") \
             or "external"
@@ -201,6 +207,12 @@ def _add_certify_model_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--mean", type=float, action="append", help="per-channel normalization the model expects")
     p.add_argument("--std", type=float, action="append")
     p.add_argument("--limit", type=int, help="certify only the first N points")
+    p.add_argument("--audit", choices=("full", "quick", "off"),
+                   help="PGD against every certified point: full (default; certify.attack), quick (10 steps, "
+                        "one start) or off (the report says nothing was attacked)")
+    p.add_argument("--no-radii", action="store_true", help="skip the per-point radii (certify/radii.csv)")
+    p.add_argument("--max-radius", type=_parse_radius,
+                   help="the per-point radii's search range [0, R] (default: twice the largest --radius)")
     p.add_argument("--out", help="output directory (default results/external/<name>)")
     p.add_argument("--threads", type=int)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)

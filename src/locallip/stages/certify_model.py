@@ -6,8 +6,10 @@ or a configured dataset's test split). Everything is checked before any work: la
 bounds do not support, weights that do not fit the layers, images whose shape or value
 range does not fit the model, labels outside its classes. Then it writes what the
 pipeline's certify, radii and report stages write, under one directory:
-``certify/radius_<r>.json`` and ``.csv`` (every certified point attacked by PGD),
-``certify/radii.csv`` and a short ``report.md``.
+``certify/radius_<r>.json`` and ``.csv`` (every certified point attacked by PGD, unless the audit
+is off), ``certify/steps.csv``, ``certify/radii.csv`` with ``radii.json`` (the search's range and
+tolerance; unless the radii are off), ``summary.json`` (counts, audit, seconds per step) and a
+short ``report.md`` (``certify_model_report``).
 """
 from __future__ import annotations
 
@@ -23,13 +25,15 @@ from ..bounds import network_layers
 from ..certify.split import AuditFailure, certify_split, radii_split, write_certificate
 from ..data.splits import DataError, load_splits, read_npz
 from ..foundation.compose import plain
-from ..foundation.files import check_replaceable, csv_text, file_digest, replaced_directory, write_text
+from ..foundation.files import check_replaceable, csv_text, file_digest, replaced_directory, write_json, write_text
 from ..foundation.provenance import code_version
 from ..foundation.ranges import radius_tag
 from ..foundation.schema import ExternalModel, RunConfig
 from ..foundation.checkpoints import load_error
 from ..nn.describe import UnsupportedModel, build, check_state, load_weights, outline, read_description
 from ..nn.models import Normalize
+from .certify_model_report import audit_cell, audit_settings, overview, radii_record, render_report, settle
+from .report.tables import steps_csv
 
 
 #: What certify-model writes in its output directory, which it replaces as a whole: anything
@@ -142,6 +146,7 @@ def _checked(x: np.ndarray, y: np.ndarray, net, what: str, limit) -> Tuple[torch
 
 def run_certify_model(cfg: ExternalModel, out: Path, run: RunConfig = RunConfig()) -> dict:
     """Check everything, then certify at every radius, the per-point radii and a short report under ``out``."""
+    t_start = time.perf_counter()
     out = Path(out)
     check_replaceable(out, "certify-model", OUTPUTS)  # before any work: never over a pipeline experiment
     net, description = load_network(cfg)
@@ -151,37 +156,38 @@ def run_certify_model(cfg: ExternalModel, out: Path, run: RunConfig = RunConfig(
     prov = {"model": {"path": str(cfg.model), "sha256": file_digest(cfg.model)},
             "architecture": {"path": str(cfg.architecture), "sha256": file_digest(cfg.architecture)},
             "data": what, "settings": plain(cfg), "code_version": code_version("stages.certify_model")}
+    settings, attack = audit_settings(cfg.certify, cfg.audit)
     summaries = []
     # The run writes into a staging directory that replaces ``out`` only when complete (Ctrl-C: old kept).
     with replaced_directory(out, "certify-model", OUTPUTS, publish_on=(AuditFailure,)) as out:
         for r in cfg.radii:
-            t0 = time.perf_counter()
-            result = certify_split(net, x, y, float(r), cfg.certify, progress=run.progress)
+            result = certify_split(net, x, y, float(r), settings, progress=run.progress, audit=attack)
             result["summary"].update(experiment=cfg.name, bound_used_for_training="unknown", provenance=prov)
+            s = settle(result["summary"], cfg.audit)
             cert = out / "certify" / f"radius_{radius_tag(r)}"
             summaries.append(write_certificate(Path(f"{cert}.json"), Path(f"{cert}.csv"), result))
-            print(f"[certify-model] {cfg.name} r={r:g}: clean {result['summary']['clean_acc']:.3f} certified "
-                  f"{result['summary']['certified_acc_local']:.3f} ({time.perf_counter() - t0:.1f}s)")
+            print(f"[certify-model] {cfg.name} {s['headline']}; clean {s['clean_acc']:.3f}; audit {audit_cell(s)} "
+                  f"(certification {s['timing']['certification_s']:.2f}s, audit {s['timing']['audit_s']:.2f}s)")
+        radii = None
         if cfg.curve.enabled:
-            top = cfg.curve.max_radius or 2 * max(cfg.radii)
-            rows = radii_split(net, x, y, cfg.certify, top, cfg.curve.tol, progress=run.progress,
-                               batch_size=cfg.curve.batch_size)
+            rows, radii = _per_point_radii(cfg, net, x, y, run)
             write_text(out / "certify" / "radii.csv", csv_text(rows))
-        write_text(out / "report.md", _report(cfg, summaries, what, description))
+            write_json(out / "certify" / "radii.json", radii)
+        write_text(out / "certify" / "steps.csv", steps_csv(summaries))
+        total = time.perf_counter() - t_start
+        write_json(out / "summary.json", overview(cfg, summaries, radii, total))
+        write_text(out / "report.md", render_report(cfg, summaries, what, description, radii, total))
     return {"radii": [s["radius"] for s in summaries], "certified": [s["certified_acc_local"] for s in summaries]}
 
 
-def _report(cfg: ExternalModel, summaries, what: str, description: dict) -> str:
-    lines = [f"# {cfg.name}: certified l2 robustness of an external model", "",
-             f"Model `{cfg.model}` ({len(description['layers'])} layers, input {description['input_shape']}), "
-             f"points: {what}, {summaries[0]['n']} of them. Certificates: {summaries[0]['guarantee']['local']}.", "",
-             "| radius | clean (%) | certified (%) | global bound (%) | deterministic share (%) | attack audit |",
-             "|---|---|---|---|---|---|"]
-    for s in summaries:
-        share = s["steps"]["deterministic_share"]
-        lines.append(f"| {s['radius']:g} | {100 * s['clean_acc']:.1f} | {100 * s['certified_acc_local']:.1f} | "
-                     f"{100 * s['certified_acc_global']:.1f} | {'—' if share is None else f'{100 * share:.1f}'} | "
-                     f"{s['attack']['broken']}/{s['attack']['checked']} broken |")
-    lines += ["", "Per-point certificates: `certify/radius_<r>.csv`; largest certified radius per point: "
-              "`certify/radii.csv`. Every certified point was attacked by PGD at its radius.", ""]
-    return "\n".join(lines)
+def _per_point_radii(cfg: ExternalModel, net, x, y, run: RunConfig) -> Tuple[list, dict]:
+    """The rows of ``certify/radii.csv`` and what ``radii.json`` says beside it (the search's range,
+    tolerance and seconds)."""
+    t0 = time.perf_counter()
+    top = cfg.curve.max_radius or 2 * max(cfg.radii)
+    rows = radii_split(net, x, y, cfg.certify, top, cfg.curve.tol, progress=run.progress,
+                       batch_size=cfg.curve.batch_size)
+    record = radii_record(rows, top, cfg.curve.tol, str(cfg.certify.guarantee), time.perf_counter() - t0)
+    print(f"[certify-model] {cfg.name} per-point radii on [0, {top:g}], tolerance {cfg.curve.tol:g} "
+          f"({record['time_s']:.2f}s)")
+    return rows, record

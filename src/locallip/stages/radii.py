@@ -3,7 +3,8 @@
 Local certificate (at the headline guarantee level): ``certify.certified_radius``, a
 root search on the certificate's worst-case margin up to ``max_radius``, to a
 relative width ``tol``; the value written is a radius at which the point *was*
-certified. Global bound: closed form, min_j margin_j / (K ||w_y - w_j||).
+certified. Global bound: closed form, min_j margin_j / (K ||w_y - w_j||), not capped; the
+local radius written is never below it (the cascade starts with the global step).
 Misclassified points get 0. Writes ``certify/radii.csv``; the report draws
 certified accuracy against the radius from it.
 """

@@ -133,7 +133,8 @@ def _run_stage(args) -> int:
     cfg, run = resolve(args, s)
     radius = cfg.radius if s.per_radius else None
     defaults = {k: (v[0] if v else None) for k, v in s.inputs(cfg).items()}
-    defaults.update(s.outputs(s.experiment(cfg), radius))
+    outputs = s.outputs(s.experiment(cfg), radius)
+    defaults.update(outputs)
     defaults.update(s.options(cfg))
     paths = {}
     for key in s.flags:
@@ -142,8 +143,8 @@ def _run_stage(args) -> int:
         paths[key] = [Path(v) for v in value] if isinstance(value, list) else (None if value is None else Path(value))
     from ..foundation.files import check_distinct
 
-    check_distinct({k: v for k, v in paths.items() if k not in s.outputs(name, radius)},
-                   {k: v for k, v in paths.items() if k in s.outputs(name, radius)}, f"locallip {s.name}")
+    check_distinct({k: v for k, v in paths.items() if k not in outputs},
+                   {k: v for k, v in paths.items() if k in outputs}, f"locallip {s.name}")
     fn = getattr(import_module(f"locallip.{s.module}"), s.function)
     fn(cfg, run=run, **paths)
     return 0

@@ -38,7 +38,7 @@ from .report.tables import steps_csv
 
 #: What certify-model writes in its output directory, which it replaces as a whole: anything
 #: else there (a pipeline experiment's train/, data/...) makes it refuse the directory.
-OUTPUTS = ("report.md", "certify")
+OUTPUTS = ("report.md", "summary.json", "certify")
 
 
 def load_weights_file(path: Path) -> dict:

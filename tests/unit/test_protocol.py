@@ -237,3 +237,16 @@ def test_a_global_bound_is_refused_for_another_model_or_later_weights():
         a[1].weight.add_(1e-3)  # an optimizer step, in place
     with pytest.raises(ValueError, match="other weights"):
         certify(a, x, y, 0.05, global_result=g_a)
+
+
+def test_a_wrapped_model_or_a_non_finite_weight_is_one_clear_error():
+    net, x = _plain_net(6), _x(8, 6)
+    y = net(x).argmax(1)
+    with pytest.raises(ValueError, match="model.module"):
+        certify(nn.DataParallel(net), x, y, 0.1)
+    with torch.no_grad():
+        net[1].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="1.weight holds NaN or inf"):
+        certify(net, x, y, 0.1)
+    with pytest.raises(ValueError, match="1.weight holds NaN or inf"):
+        certified_radius(net, x, y, max_radius=1.0)

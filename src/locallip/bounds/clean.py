@@ -42,7 +42,12 @@ def clean_pass(model: nn.Sequential, x: Tensor) -> CleanPass:
 
 
 def check_input(model: nn.Module, x: Tensor) -> None:
-    """x must be a non-empty batch [B, *input_shape] of a float dtype the bounds are sound in."""
+    """x must be a non-empty batch [B, *input_shape] of a float dtype the bounds are sound in, and the
+    model a plain Sequential."""
+    if not isinstance(model, nn.Sequential):
+        inner = getattr(model, "module", None)
+        hint = " (a DataParallel or DistributedDataParallel wrapper: pass model.module)" if inner is not None else ""
+        raise ValueError(f"the bounds need a plain nn.Sequential of supported layers, got {type(model).__name__}{hint}")
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a batch of inputs [B, ...], got shape {tuple(getattr(x, 'shape', ()))}")
     if x.shape[0] == 0:
@@ -57,3 +62,10 @@ def check_input(model: nn.Module, x: Tensor) -> None:
     declared = getattr(model, "input_shape", None)
     if declared is not None and tuple(declared) != tuple(x.shape[1:]):
         raise ValueError(f"input of shape {tuple(x.shape)} does not match the model's input {tuple(declared)}")
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """No certificate holds for NaN or inf weights (certification checks; training reports divergence itself)."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"weight {name} holds NaN or inf: no bound holds for it")

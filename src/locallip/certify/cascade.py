@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..bounds import GlobalBound, box_bound, global_bound, local_margins, top_singular_vectors, worst_margin
-from ..bounds.clean import CleanPass, check_input, clean_pass
+from ..bounds.clean import CleanPass, check_finite_weights, check_input, clean_pass
 from ..bounds.records import CascadeRecord
 from ..bounds.settings import as_batch_radius, settings_from
 from . import masked_step
@@ -117,6 +117,7 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, eps: Union[float, Tensor], b
     if bound not in ("local", "global"):
         raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
     check_input(model, x)
+    check_finite_weights(model)
     eps_b = as_batch_radius(eps, x)
     if not isinstance(y, Tensor) or y.shape != (x.shape[0],):
         raise ValueError(f"labels of shape {tuple(getattr(y, 'shape', ()))} do not match a batch of {x.shape[0]}")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..bounds import GlobalBound, global_bound, global_margins, logit_weights, margin_lower_bounds
-from ..bounds.clean import CleanPass, clean_pass
+from ..bounds.clean import CleanPass, check_finite_weights, check_input, clean_pass
 from ..bounds.settings import settings_from
 from .cascade import certify, screen_worst_margin, warm_starts
 from .settings import CascadeSettings
@@ -49,6 +49,8 @@ def certified_radius(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     """
     s = replace(settings_from(settings, CascadeSettings, options), linear_relaxation=False)
     _check_search(x, max_radius, rtol)
+    check_input(model, x)
+    check_finite_weights(model)
     n = x.shape[0]
     with torch.no_grad():
         model.eval()

@@ -97,7 +97,7 @@ def global_bound(model: nn.Sequential, method: str = "guaranteed", iters: int = 
             vectors[i].copy_(res.vector.reshape(-1))
         norms.append(res.sigma[0])
     norms = torch.stack(norms) if norms else torch.zeros(0, dtype=ops[0].dtype, device=ops[0].device)
-    return GlobalBound(norms, norms.prod(), ESTIMATE, method, weights=weights_of(ops))
+    return GlobalBound(norms, norms.prod(), ESTIMATE, method)  # an estimate: never passed to certify
 
 
 def top_singular_vectors(model: nn.Module, input_shape: Sequence[int], *, tol: float = 1e-3,

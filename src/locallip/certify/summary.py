@@ -75,6 +75,8 @@ def level_summary(level: str, headline: bool, rows: List[dict], infos: List[dict
         "guarantee": text,
         "cascade": bool(cfg.cascade),
         "steps": {"certified_by_step": steps, "certified": certified, "deterministic": deterministic,
+                  # the report's words for each step (from the step registry, so the report needs no code of it)
+                  "words": {s.name: s.words for s in certifying_steps()},
                   "probabilistic": by_guarantee["probabilistic"], "estimate": by_guarantee["estimate"],
                   "deterministic_share": deterministic / certified if certified else None,
                   "delta_per_probabilistic_point": delta if steps["probabilistic"] else None,

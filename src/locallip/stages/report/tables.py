@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ...certify.steps import certifying_steps
 from .load import RADIUS_MATCH_TOL
 
 LEVEL_WORDS = {
@@ -137,27 +136,35 @@ def format_headline(rows: Sequence[dict], levels: Sequence[str]) -> List[List[st
             for r in rows]
 
 
-def step_words() -> List[Tuple[str, str]]:
-    """(name, words) of every certifying step, in the registry's order (``certify.steps``)."""
-    return [(s.name, s.words) for s in certifying_steps()]
+def step_words(certificates: Sequence[dict]) -> List[Tuple[str, str]]:
+    """(name, words) of every certifying step, in the registry's order, as the certificates recorded them
+    (``steps.words``; a certificate without them gives the step counts' names)."""
+    out: Dict[str, str] = {}
+    for c in certificates:
+        for lv in [c] + list((c.get("levels") or {}).values()):
+            st = lv.get("steps") or {}
+            for name in st.get("certified_by_step") or {}:
+                out.setdefault(name, (st.get("words") or {}).get(name, name))
+    return list(out.items())
 
 
 def steps_table(certificates: Sequence[dict]) -> Tuple[List[str], List[List[str]]]:
     """Per radius: how the headline certificate's points were certified (counts per cascade step)."""
-    header = (["radius", "certified"] + [f"by {words}" for _, words in step_words()]
+    words = step_words(certificates)
+    header = (["radius", "certified"] + [f"by {w}" for _, w in words]
               + ["deterministic share (%)", "excluded by the screen"])
     out = []
     for c in certificates:
         st = c.get("steps") or {}
         by = st.get("certified_by_step") or {}
-        out.append([fmt_radius(c["radius"]), str(st.get("certified", "—"))] + [str(by.get(k, 0)) for k, _ in step_words()]
+        out.append([fmt_radius(c["radius"]), str(st.get("certified", "—"))] + [str(by.get(k, 0)) for k, _ in words]
                    + [fmt_pct(st.get("deterministic_share")), str(st.get("excluded_by_screen", "—"))])
     return header, out
 
 
 def steps_csv(certificates: Sequence[dict]) -> str:
     """CSV of certified points per cascade step, per radius and guarantee level."""
-    names = [k for k, _ in step_words()]
+    names = [k for k, _ in step_words(certificates)]
     lines = [",".join(["radius", "level", "n", "certified"] + names + ["deterministic_share", "excluded_by_screen"])]
     for c in certificates:
         for lv, v in c["levels"].items():

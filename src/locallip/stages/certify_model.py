@@ -31,7 +31,6 @@ from ..foundation.ranges import radius_tag
 from ..foundation.schema import ExternalModel, RunConfig
 from ..foundation.checkpoints import load_error
 from ..nn.describe import UnsupportedModel, build, check_state, load_weights, outline, read_description
-from ..nn.models import Normalize
 from .certify_model_report import audit_cell, audit_settings, overview, radii_record, render_report, settle
 from .report.tables import steps_csv
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from .activations import ClippedMaxMin, ClippedReLU, MaxMin, ReLU
 from .models import LipschitzNet, Normalize
+from .shapes import output_shape
 
 FORMAT = "locallip-sequential-1"
 SUPPORTED = ("conv2d", "linear", "flatten", "normalize", "relu", "clipped_relu", "maxmin", "clipped_maxmin")
@@ -169,32 +170,39 @@ def _checked_shape(description: Any) -> list:
 
 
 def outline(description: Dict[str, Any]) -> tuple:
-    """The layers built on the meta device (no memory) and run on a meta input: every layer checked
-    against its input, sizes within the limits. Returns ({name: shape} of the weights, classes)."""
-    shape = _checked_shape(description)
+    """The layers built on the meta device (no memory), each checked against its input's shape,
+    sizes within the limits. Returns ({name: shape} of the weights, classes)."""
+    shape = tuple(_checked_shape(description))
     with torch.device("meta"):
         modules = [_layer(spec, i) for i, spec in enumerate(description["layers"])]
-        x = torch.zeros(1, *shape)
     for i, m in enumerate(modules):
         where = f"layer {i} ({description['layers'][i]['type']})"
-        if isinstance(m, Normalize) and (x.dim() != 4 or m.mean.numel() != x.shape[1]):
+        if isinstance(m, Normalize) and (len(shape) != 3 or m.mean.numel() != shape[0]):
             raise UnsupportedModel(f"{where} has {m.mean.numel()} channel(s), its input of shape "
-                                   f"{tuple(x.shape[1:])} has {x.shape[1] if x.dim() == 4 else 'no'} channels")
+                                   f"{shape} has {shape[0] if len(shape) == 3 else 'no'} channels")
         try:
-            x = m(x)
+            shape = _shape_after(m, shape)
         except (RuntimeError, ValueError) as e:
-            raise UnsupportedModel(f"{where} does not fit its input of shape {tuple(x.shape[1:])}: "
+            raise UnsupportedModel(f"{where} does not fit its input of shape {shape}: "
                                    f"{str(e).splitlines()[0]}") from None
-        if x.numel() > MAX_ACTIVATIONS:
-            raise UnsupportedModel(f"{where} gives {x.numel():,} values per point (the limit is {MAX_ACTIVATIONS:,})")
-    if x.dim() != 2:
-        raise UnsupportedModel(f"the network must end with a Linear layer giving the logits, it gives shape "
-                               f"{tuple(x.shape[1:])}")
+        if math.prod(shape) > MAX_ACTIVATIONS:
+            raise UnsupportedModel(f"{where} gives {math.prod(shape):,} values per point (the limit is "
+                                   f"{MAX_ACTIVATIONS:,})")
+    if len(shape) != 1:
+        raise UnsupportedModel(f"the network must end with a Linear layer giving the logits, it gives shape {shape}")
     weights = {k: tuple(v.shape) for k, v in nn.Sequential(*modules).state_dict().items()}
     total = sum(math.prod(s) for s in weights.values())
     if total > MAX_PARAMETERS:
         raise UnsupportedModel(f"the architecture declares {total:,} parameters (the limit is {MAX_PARAMETERS:,})")
-    return weights, int(x.shape[1])
+    return weights, int(shape[0])
+
+
+def _shape_after(m: nn.Module, shape: tuple) -> tuple:
+    """By formula where ``shapes`` has one (fast), else by running ``m`` on a meta input."""
+    known = output_shape(m, shape)
+    if known is not None:
+        return tuple(known)
+    return tuple(m(torch.zeros(1, *shape, device="meta")).shape[1:])
 
 
 def read_description(path: Any) -> dict:

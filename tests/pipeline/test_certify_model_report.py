@@ -137,11 +137,12 @@ def test_the_report_opens_with_what_was_certified_and_on_what(default_run):
         rows = _rows(default_run / "certify" / f"radius_{r!r}.csv")
         s = json.loads((default_run / "certify" / f"radius_{r!r}.json").read_text())
         by = {k: sum(q["certified_local"] == "True" and q["step_local"] == k for q in rows)
-              for k in ("global", "box", "exact", "probabilistic")}
+              for k in ("global", "box", "exact", "probabilistic", "linear_relaxation")}
         n_cert = sum(q["certified_local"] == "True" for q in rows)
-        assert line == (f"- r={r:g}: {n_cert} of 200 certified: {by['global'] + by['box'] + by['exact']} deterministic "
-                        f"({by['global']} global / {by['box']} box / {by['exact']} exact), {by['probabilistic']} "
-                        f"probabilistic")
+        deterministic = by["global"] + by["box"] + by["exact"] + by["linear_relaxation"]
+        assert line == (f"- r={r:g}: {n_cert} of 200 certified: {deterministic} deterministic "
+                        f"({by['global']} global / {by['box']} box / {by['exact']} exact / {by['linear_relaxation']} "
+                        f"linear relaxation), {by['probabilistic']} probabilistic")
         assert [int(st[k]) for k in by] == list(by.values()) and int(st["certified"]) == n_cert
         assert s["guarantee_level"] == ("probabilistic" if by["probabilistic"] else "exact")
         assert s["guarantee_configured"] == "probabilistic"

@@ -5,12 +5,13 @@ whole; the library functions also take keyword overrides of its fields.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass, replace
 from typing import Optional
 
 import torch
 
 from ..bounds.settings import LEVELS, NormSettings
+from ..foundation.choices import Switch
 
 #: Default Lanczos steps of the screen (estimates from below; more steps exclude more points).
 SCREEN_STEPS = 8
@@ -52,9 +53,24 @@ class CascadeSettings:
 
 def from_config(cfg, level: Optional[str] = None) -> CascadeSettings:
     """The settings of the local certificate at ``level`` (default: the configured one) from the
-    certify configuration (``foundation.schema.CertifySettings``). ``linear_relaxation`` "auto" is
-    off here: the stage that knows better (certify-model) resolves it to "on" before."""
+    certify configuration (``foundation.schema.CertifySettings``). ``linear_relaxation`` "auto" counts
+    as off here: the stages resolve it first (``resolve_linear_relaxation``)."""
     return CascadeSettings(level=str(level or cfg.guarantee), cascade=bool(cfg.cascade), masked=bool(cfg.masked_step),
                            screen_steps=cfg.screen_steps, delta=cfg.delta, inflation=cfg.inflation, steps=cfg.steps,
                            max_iter=cfg.max_iter, tol=cfg.tol, last_layer=str(cfg.last_layer), method=str(cfg.method),
                            linear_relaxation=str(getattr(cfg, "linear_relaxation", "off")) == "on")
+
+
+def resolve_linear_relaxation(cfg, auto_on: bool):
+    """The certify configuration with ``linear_relaxation: auto`` made ``on`` or ``off``, so that what
+    ran is what the certificates record. certify-model passes ``auto_on=True`` (networks trained
+    anywhere: the step certifies points no Lipschitz bound can); the pipeline passes False (its models
+    are trained for their Lipschitz bound, and its baselines are certified as their papers do)."""
+    if str(getattr(cfg, "linear_relaxation", "off")) != "auto":
+        return cfg
+    value = Switch.on if auto_on else Switch.off
+    if is_dataclass(cfg):
+        return replace(cfg, linear_relaxation=value)
+    resolved = cfg.copy()
+    resolved.linear_relaxation = value
+    return resolved

@@ -40,11 +40,19 @@ def rests_on(steps: dict) -> str:
     return "exact" if steps["certified"] else "none"
 
 
+def _relaxed(steps: dict) -> str:
+    """The linear-relaxation step's share of the deterministic count, where it ran."""
+    if "linear_relaxation_points" not in steps.get("points", {}):
+        return ""
+    return f" / {steps['certified_by_step']['linear_relaxation']} linear relaxation"
+
+
 def headline(s: dict) -> str:
     """One line: how many points are certified, and on what."""
     st, by = s["steps"], s["steps"]["certified_by_step"]
     text = (f"r={s['radius']:g}: {st['certified']} of {s['n']} certified: {st['deterministic']} deterministic "
-            f"({by['global']} global / {by['box']} box / {by['exact']} exact), {st['probabilistic']} probabilistic")
+            f"({by['global']} global / {by['box']} box / {by['exact']} exact{_relaxed(st)}), "
+            f"{st['probabilistic']} probabilistic")
     return text + (f", {st['estimate']} estimates (not guarantees)" if st["estimate"] else "")
 
 

@@ -260,10 +260,27 @@ def certify_external(d) -> list:
     return lines + [f"Cascade points per step: {steps}.", ""]
 
 
+def relaxation_cost(d) -> list:
+    lines = ["### The linear-relaxation step on the showcase model (`python -m bench.relaxation_cost`)", "",
+             f"_{_machine(d)}._", "",
+             f"The stored showcase fixture (mnist5k_r158, calibrated), {d['points']} test points, the cascade as the "
+             f"certify stage runs it with the step off (the pipeline's `auto`) and on, {d['rounds']} interleaved "
+             "rounds.", "",
+             "| radius | certified off / on | points the step tried | step applies | seconds off (median) "
+             "| time on / off (median, min-max) |", "|---|---|---|---|---|---|"]
+    for r, row in d["radii"].items():
+        c, q = row["counts"], row["ratio_on_off"]
+        lines.append(f"| {r} | {c['off']['certified']} / {c['on']['certified']} | {c['on']['relaxation_tried']} | "
+                     f"{'yes' if c['on']['relaxation_applies'] else 'no'} | {row['seconds']['off']['median']:.2f} | "
+                     f"{q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f}) |")
+    return lines + [""]
+
+
 def render() -> str:
     parts = []
     for name, fn in (("train_step", train_step), ("certify_throughput", certify), ("tightness", tightness),
-                     ("memory", memory), ("end_to_end", end_to_end), ("certify_external", certify_external)):
+                     ("memory", memory), ("end_to_end", end_to_end), ("certify_external", certify_external),
+                     ("relaxation_cost", relaxation_cost)):
         d = _load(name)
         parts += fn(d) if d else [f"### {name}", "", "_not run yet_", ""]
     return "\n".join(parts).rstrip() + "\n"

@@ -43,6 +43,7 @@ SETTINGS = [
     {"name": "2c2f_mnist5k", "experiment": "mnist5k", "arch": "2c2f", "input_shape": (1, 28, 28)},
     {"name": "4c3f_mnist", "experiment": "mnist", "arch": "4c3f", "input_shape": (1, 28, 28)},
     {"name": "6c2f_cifar", "experiment": "cifar10", "arch": "6c2f", "input_shape": (3, 32, 32)},
+    {"name": "8c2f_cifar", "experiment": "cifar10", "arch": "8c2f", "input_shape": (3, 32, 32)},
 ]
 BATCH = 128
 TARGETS = {"local_over_plain": 3.0, "local_over_gloro": 1.5}
@@ -95,7 +96,8 @@ def make_step(model, cfg_train, x_pool, y_pool, eps: float, kappa: float,
 @contextmanager
 def instrumented(totals: Dict[str, float]):
     """Wrap the library functions a local step calls with wall-clock accumulators (inclusive times)."""
-    from locallip.bounds import localbound, operators
+    from locallip.bounds import norm_solvers
+    from locallip.bounds.layers import base, weighted
     from locallip import training as train
 
     patches = []
@@ -115,11 +117,12 @@ def instrumented(totals: Dict[str, float]):
 
     wrap(train, "global_bound", "global_bound (train.solver, warm-started; the local step's start vectors)")
     wrap(train, "local_bound", "local_bound (total)")
-    wrap(operators.AffineOp, "forward", "  layer forward W h + b (clean + IBP centre)")
-    wrap(operators.AffineOp, "abs_linear", "  IBP radius |W| r")
-    wrap(operators.AffineOp, "row_norms", "  ball radius: masked row norms")
-    wrap(localbound, "lanczos_norm", "  masked operator norms (Krylov steps + sigma with grad)")
-    wrap(localbound, "power_iteration_norm", "  masked operator norms (power iteration + sigma with grad)")
+    wrap(weighted.WeightedLayer, "forward", "  layer forward W h + b (clean + IBP centre)")
+    wrap(weighted.WeightedLayer, "abs_linear", "  IBP radius |W| r")
+    wrap(weighted.WeightedLayer, "row_norms", "  ball radius: masked row norms")
+    wrap(base.AffineLayer, "pre_activation_box", "  pre-activation box (IBP ∩ ball, all of it)")
+    wrap(norm_solvers, "_adaptive_choice", "  adaptive decision (which samples get masked norms)")
+    wrap(norm_solvers, "_run_estimate", "  masked operator norms (Krylov steps + sigma with grad)")
     wrap(train, "local_margins", "last layer margins (ball/ball_box)")
     wrap(train, "bcp_mix_loss", "bcp_mix loss")
     try:

@@ -14,7 +14,8 @@ convolution layer, a residual block's ``I + W``, a pooling layer. What it must g
   masks are applied around them by the callers (``masked_linear``, ``masked_transpose``);
 * ``abs_linear(v)``: ``|W| v`` with ``v >= 0``, or anything larger: the interval (IBP) radius;
 * ``row_norms(col_mask)``: ``||row_k(W diag(col_mask))||_2`` per output, or anything larger:
-  the ball bound of each pre-activation;
+  the ball bound of each pre-activation (``col_mask`` is any nonnegative tensor: a 0/1 mask, or the
+  row norms of a layer before it, ``composed.py``);
 * ``guaranteed_norm()``: a deterministic upper bound of ``||W||_2`` (float64, no gradient);
 * ``explicit_matrix()``: ``W`` as a float64 CPU matrix [n_out, n_in] (the exact level's
   proofs and the oracle tests);

@@ -243,6 +243,25 @@ def test_certificates_of_a_network_with_pooling_and_batchnorm_survive_pgd():
     assert STEP["global"] in steps and len(steps) >= 3, steps
 
 
+@pytest.mark.parametrize("net", [
+    nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2)),
+    nn.Sequential(nn.AvgPool2d(2), nn.AvgPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)),
+])
+def test_a_pooling_layer_between_two_activations_is_refused_in_one_line(net):
+    with pytest.raises(ValueError, match="AvgPool2d must sit next to a Conv2d or Linear layer") as err:
+        network_layers(net, input_shape=SHAPE)
+    assert "\n" not in str(err.value)
+
+
+def test_two_poolings_join_the_layer_after_them():
+    net = nn.Sequential(nn.AvgPool2d(2), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 2)).to(DT)
+    (op,), _ = network_layers(net, input_shape=SHAPE)
+    m = op.explicit_matrix()
+    assert torch.allclose(op.guaranteed_norm(), torch.linalg.matrix_norm(m, ord=2), rtol=1e-12)
+    x = _x(3, 9)
+    assert torch.allclose(op.forward(x), net(x), atol=1e-14)
+
+
 def test_calibration_still_finds_the_activations_around_pooling():
     net = LipschitzNet(nn.Conv2d(2, 4, 3, padding=1), ClippedReLU((4, 8, 8)), nn.AvgPool2d(2), nn.Flatten(),
                        nn.Linear(64, 8), ClippedReLU((8,)), nn.Linear(8, 3), input_shape=SHAPE, num_classes=3)

@@ -33,6 +33,8 @@ class ComposedLayer(AffineLayer):
         self.first, self.second = first, second
         self.in_shape, self.out_shape = tuple(first.in_shape), tuple(second.out_shape)
         self.gives_logits = second.gives_logits
+        # Two layers without weights (pooling twice) still need a weighted neighbour.
+        self.joins_neighbours = getattr(first, "joins_neighbours", False) and getattr(second, "joins_neighbours", False)
         # The part with weights gives the dtype, the device and the module caches are keyed on.
         self._weighted = second if any(True for _ in second.owner.parameters()) else first
         self.owner = self._weighted.owner

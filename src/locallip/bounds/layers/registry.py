@@ -123,6 +123,9 @@ def network_layers(model: nn.Sequential, input_shape: Optional[Sequence[int]] = 
         elif role == "activation":
             if expect_op:
                 raise ValueError(f"activation {type(m).__name__} must follow an affine layer")
+            if getattr(ops[-1], "joins_neighbours", False):  # nothing with weights to join: no dtype, no norm to mask
+                raise ValueError(f"{type(ops[-1].owner).__name__} must sit next to a Conv2d or Linear layer (nothing "
+                                 f"but Flatten between), not between two activations")
             acts.append(kind.make(m))
             expect_op = True
         else:

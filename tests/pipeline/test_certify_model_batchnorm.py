@@ -98,6 +98,9 @@ def test_a_batchnorm_cnn_certifies_like_its_hand_folded_twin(tmp_path, capsys):
         summary = json.loads((tmp_path / "bn" / "certify" / f"radius_{r}.json").read_text())
         assert summary["attack"]["broken"] == 0
     assert len(steps) >= 2, steps
+    report = (tmp_path / "bn" / "report.md").read_text()
+    assert "BatchNorm (layer 1, 6) is folded into the layer before it" in report
+    assert "BatchNorm" not in (tmp_path / "twin" / "report.md").read_text()
 
 
 def test_a_batchnorm_after_an_activation_is_one_line_that_writes_nothing(tmp_path, capsys):

@@ -11,9 +11,8 @@ no activation of its own) sits next to another affine layer, e.g. ``ReLU, AvgPoo
   ||row_k(W2 diag(r))|| with r_j = ||row_j(W1 D)||, i.e. ``W2.row_norms(r)``; otherwise the triangle
   inequality gives |W2| r;
 * ``guaranteed_norm``: ||W2|| ||W1||, exact when W1 W1^T = I / m (non-overlapping pooling first);
-* ``explicit_matrix``: the float64 product M2 M1. With a non-overlapping pooling first every entry
-  is one product w / m, exact where m is a power of two (2 x 2, 4 x 4); otherwise each entry carries
-  one rounding of a short sum, of the order of the folded ``Normalize``'s.
+* ``explicit_matrix``: the float64 product M2 M1, whose rounding (a short sum per entry, and pooling's
+  1/m) ``explicit_matrix_error`` bounds; the exact level adds that bound to its proofs.
 """
 from __future__ import annotations
 
@@ -82,6 +81,19 @@ class ComposedLayer(AffineLayer):
 
     def explicit_matrix(self) -> Tensor:
         return self.second.explicit_matrix() @ self.first.explicit_matrix()
+
+    def explicit_matrix_error(self) -> float:
+        """||W2 W1 - fl(M2 M1)||_F <= (gamma_k + e1 + e2) || |M2| |M1| ||_F + ..., k the most products in one
+        entry, e1, e2 the parts' own relative entry errors (u for pooling's 1/m, 0 where placed exactly);
+        the parts' absolute errors add through ||M2||_F and ||M1||_F."""
+        m2, m1 = self.second.explicit_matrix(), self.first.explicit_matrix()
+        terms = int(((m2 != 0).double() @ (m1 != 0).double()).max()) if m2.numel() and m1.numel() else 0
+        u = 2.0 ** -53
+        gamma = terms * u / (1 - terms * u) + 2 * u  # the product, and one rounding of 1/m in a pooling part
+        magnitude = float((m2.abs() @ m1.abs()).norm())
+        spread = self.second.explicit_matrix_error() * float(m1.norm()) + self.first.explicit_matrix_error() * (
+            float(m2.norm()) + self.second.explicit_matrix_error())
+        return (gamma * magnitude + spread) * (1 + 8 * u)
 
     def guaranteed_norm(self) -> Tensor:
         # One rounding of the product, covered by rounding up.

@@ -7,6 +7,8 @@ from typing import List
 import torch
 from torch import nn
 
+from .models import LipschitzNet
+
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -57,7 +59,8 @@ def _folded(layer: nn.Module, bn: nn.Module, what: str) -> nn.Module:
     scale = torch.rsqrt(var + bn.eps)
     shift = -bn.running_mean.detach().double() * scale
     if bn.affine:
-        scale, shift = scale * bn.weight.detach().double(), shift * bn.weight.detach().double() + bn.bias.detach().double()
+        gamma, beta = bn.weight.detach().double(), bn.bias.detach().double()
+        scale, shift = scale * gamma, shift * gamma + beta
     weight = layer.weight.detach().double()
     bias = torch.zeros_like(scale) if layer.bias is None else layer.bias.detach().double()
     dtype, device = layer.weight.dtype, layer.weight.device
@@ -72,8 +75,6 @@ def _folded(layer: nn.Module, bn: nn.Module, what: str) -> nn.Module:
 def _like(model: nn.Sequential, modules: List[nn.Module], folded: List[int]) -> nn.Sequential:
     """A Sequential of ``modules`` with ``model``'s own attributes (a ``LipschitzNet``'s input shape,
     classes and spec, recording which layers were folded)."""
-    from .models import LipschitzNet
-
     if isinstance(model, LipschitzNet):
         spec = dict(model.spec, batchnorm_folded=folded) if folded else dict(model.spec)
         out = LipschitzNet(*modules, input_shape=model.input_shape, num_classes=model.num_classes, spec=spec)

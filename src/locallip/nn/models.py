@@ -64,7 +64,9 @@ class LipschitzNet(nn.Sequential):
             for m in self:
                 if is_affine_module(m):
                     # A pooling layer and its affine neighbour are one operator for the bounds: one vector.
-                    if previous is None or not (isinstance(previous, JOINS_NEIGHBOURS) or isinstance(m, JOINS_NEIGHBOURS)):
+                    joined = previous is not None and (isinstance(previous, JOINS_NEIGHBOURS)
+                                                       or isinstance(m, JOINS_NEIGHBOURS))
+                    if not joined:
                         v = torch.randn(h[0].numel(), generator=gen)
                         self.register_buffer(f"power_vector_{index}", v / v.norm())
                         index += 1

@@ -35,6 +35,6 @@ for _kind in (
 ):
     register_layer(_kind)
 
-__all__ = ["ActivationBounds", "AffineLayer", "AvgPoolLayer", "ComposedLayer", "ConvLayer", "DenseLayer", "LayerType", "TorchReLUBounds",
-           "affine_layer", "is_activation", "is_affine", "layer_type", "layer_type_named", "network_layers", "register_layer",
-           "registered_names"]
+__all__ = ["ActivationBounds", "AffineLayer", "AvgPoolLayer", "ComposedLayer", "ConvLayer", "DenseLayer", "LayerType",
+           "TorchReLUBounds", "affine_layer", "is_activation", "is_affine", "layer_type", "layer_type_named",
+           "network_layers", "register_layer", "registered_names"]

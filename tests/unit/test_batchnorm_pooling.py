@@ -228,6 +228,19 @@ def test_local_bound_with_pooling_is_never_below_the_true_masked_norm(level):
             assert (lb.layer_norms[:, l] >= exact * (1 - 1e-12)).all()
 
 
+def test_the_linear_relaxation_through_pooling_never_exceeds_an_attack():
+    from locallip.bounds import worst_margin
+    from locallip.bounds.linear_relaxation import linear_relaxation_margins
+
+    net, x = _pool_net(5), _x(16, 5)
+    y = net(x).argmax(1)
+    for eps in (0.05, 0.3, 0.6):
+        bound = worst_margin(linear_relaxation_margins(net, x, y, eps), y)
+        found = pgd_l2(net, x, y, eps, steps=50, restarts=3, generator=torch.Generator().manual_seed(2))
+        assert (bound <= found).all(), eps  # a lower bound of the true minimum, which PGD bounds from above
+        assert torch.isfinite(bound).all()
+
+
 def test_certificates_of_a_network_with_pooling_and_batchnorm_survive_pgd():
     net = fold_batchnorm(_bn_net(0))
     x = _x(64, 6)

@@ -30,6 +30,7 @@ class ComposedLayer(AffineLayer):
 
     def __init__(self, first: AffineLayer, second: AffineLayer):
         self.first, self.second = first, second
+        self.parts = (first, second)  # applied one after the other (the linear relaxation's rounding)
         self.in_shape, self.out_shape = tuple(first.in_shape), tuple(second.out_shape)
         self.gives_logits = second.gives_logits
         # Two layers without weights (pooling twice) still need a weighted neighbour.

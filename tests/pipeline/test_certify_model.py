@@ -182,7 +182,7 @@ def test_unsupported_layers_and_bad_inputs_are_one_line_errors_that_write_nothin
 
 
 def test_describe_names_an_unsupported_layer():
-    for module, name in ((nn.BatchNorm2d(4), "BatchNorm2d"), (nn.MaxPool2d(2), "MaxPool2d"), (nn.Dropout(), "Dropout")):
+    for module, name in ((nn.GroupNorm(2, 4), "GroupNorm"), (nn.MaxPool2d(2), "MaxPool2d"), (nn.Dropout(), "Dropout")):
         net = nn.Sequential(nn.Conv2d(1, 4, 3), module, nn.Flatten(), nn.Linear(4, 3))
         with pytest.raises(UnsupportedModel, match=f"layer 1 \\({name}\\) is not supported; supported layers"):
             describe(net, (1, 3, 3))

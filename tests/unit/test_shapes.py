@@ -45,6 +45,11 @@ def _cases():
         if theta[0] % 2 == 0:
             yield ClippedMaxMin(theta), shape
     yield Normalize([0.5, 0.2], [0.3, 0.1]), (2, 3, 3)
+    for shape in ((2, 5, 5), (3, 5, 5), (2,), (2, 4)):
+        yield nn.BatchNorm2d(2).eval(), shape
+        yield nn.BatchNorm1d(2).eval(), shape
+    for k, s, p, size in itertools.product((1, 2, 3), (None, 1, 2), (0, 1), (1, 4, 7)):
+        yield nn.AvgPool2d(k, stride=s, padding=p), (2, size, size + 1)
 
 
 @pytest.mark.parametrize("case", range(len(list(_cases()))))

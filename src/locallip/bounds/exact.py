@@ -12,6 +12,9 @@ the rounding explicit and add it to t:
   ||E|| <= gamma_{w+1} / (1 - gamma_{w+1}) * tr(t I - G_fl) (Demmel 1989; Rump 2006);
 * forming t I - G_fl: one rounding per diagonal entry, <= u (t + max |G_ii|).
 
+Where the explicit operator M is itself a rounded product (a composed layer), its entry error
+bound ``explicit_matrix_error`` (a Frobenius norm) is added to the proven norm.
+
 If the factorisation succeeds, lambda_max(G_b) <= t + those three terms, and the
 returned norm is the square root of that, rounded up. t comes from a converged
 Lanczos estimate (a slightly larger t is tried when the first fails); where no
@@ -78,6 +81,7 @@ class ExactLayer:
     outer_perm: Tensor  # position-major index -> flattened outer coordinate (PyTorch order)
     frob2: float  # ||M||_F^2
     max_terms: int  # most products in one Gram entry (for the rounding bound)
+    entry_error: float = 0.0  # ||M_true - M||_F bound where M is itself rounded (``explicit_matrix_error``)
 
 
 def build_exact_layer(op: AffineLayer, side: str, max_entries: int = DEFAULT_MAX_ENTRIES,
@@ -116,7 +120,7 @@ def build_exact_layer(op: AffineLayer, side: str, max_entries: int = DEFAULT_MAX
     inner_val = torch.where(valid, S.T.gather(1, order), torch.zeros(1, dtype=torch.float64))
     return ExactLayer(side=side, n=n, bandwidth=w, band=band, inner_idx=inner_idx, inner_val=inner_val,
                       outer_perm=perm, frob2=float((M * M).sum()),
-                      max_terms=int(nz.sum(dim=1).max()) if n else 1)
+                      max_terms=int(nz.sum(dim=1).max()) if n else 1, entry_error=op.explicit_matrix_error())
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -188,7 +192,10 @@ def proven_norm(ex: ExactLayer, inner_mask: Optional[np.ndarray], outer_mask: Op
         trace = float(m[0].sum()) * (1 + _gamma(n + 1))
         chol_err = _gamma(w + 1) / (1 - _gamma(w + 1)) * trace
         t_cert = t + form_err + chol_err + _U * (t + gmax)
-        return math.sqrt(t_cert) * (1 + 4 * _U)
+        proven = math.sqrt(t_cert) * (1 + 4 * _U)
+        if ex.entry_error:  # ||A_true|| <= ||A|| + ||M_true - M||_F (masks only shrink it); the sum rounded up
+            proven = (proven + ex.entry_error) * (1 + 2 * _U)
+        return proven
     return None
 
 

@@ -21,7 +21,10 @@ minimum over ||x' - x|| <= eps of nu . x' + d is nu . x + d - eps ||nu||_2.
   covering the rounding of ``mag`` itself. ||h_l|| <= ||z_l|| for these activations (|clip(z)| <=
   |z|; sorting a pair keeps its norm). Offsets are op.forward(0): exact without a Normalize; with
   one, the model's own evaluation of W(-mean/std) + b, which the whole cascade takes as the
-  network. Products are assumed to be sums of products in some order (no fast algorithms).
+  network. Products are assumed to be sums of products in some order (no fast algorithms). A
+  composed layer (pooling joined to a conv or linear layer) is applied stage by stage: its N counts
+  every stage's fan-in and fan-out, and its ||W||_F is replaced by the product of its stages' (which
+  bounds || |W_2| |W_1| ||_F, the magnitude of the two-stage rounding).
 * Cost per point, per layer l: 2 rows per unstable neuron (both signs), each a back-substitution
   through layers l-1..0; C rows for the margins. Layer 1's rows stay on their receptive fields
   (the support of W_1^T e_k and of its image under W_0^T), so a convolution costs what its
@@ -53,6 +56,12 @@ DEFAULT_MAX_BYTES = 256 * 2 ** 20
 BASIS_MAX_ENTRIES = 2 ** 23
 
 
+def _stages(op) -> list:
+    """The layers an affine layer is applied as, one after the other (a composed layer's parts)."""
+    parts = getattr(op, "parts", None)
+    return [q for p in parts for q in _stages(p)] if parts else [op]
+
+
 def _gamma(n: int) -> float:
     return n * _U / (1 - n * _U)
 
@@ -70,7 +79,7 @@ class LinearRelaxation:
         self.ops, self.acts = network_layers(self.model, input_shape=self.input_shape)
         for act in self.acts:
             check_supported(act)
-        sizes = [math.prod(op.in_shape) + math.prod(op.out_shape) for op in self.ops]
+        sizes = [sum(math.prod(q.in_shape) + math.prod(q.out_shape) for q in _stages(op)) for op in self.ops]
         self.gamma = _gamma(max(sizes) + 16)
         self.max_numel = max(max(math.prod(op.in_shape), math.prod(op.out_shape)) for op in self.ops)
         with torch.no_grad():
@@ -81,6 +90,8 @@ class LinearRelaxation:
             self.frobenius: List[float] = []
             for op in self.ops:
                 basis, fro = self._unit_rows(op)
+                if len(_stages(op)) > 1:
+                    fro = max(fro, math.prod(self._unit_rows(q)[1] for q in _stages(op)))
                 self.basis.append(basis)
                 self.frobenius.append(fro)
             self.sparse = self._support_groups()

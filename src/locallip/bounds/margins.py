@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clean import clean_pass
-from .layers import affine_layer, is_affine
+from .layers import affine_layer, is_affine, network_layers
 from .localbound import LocalBound
 from .settings import as_batch_radius
 
@@ -17,6 +17,15 @@ Tensor = torch.Tensor
 
 def logit_weights(model: nn.Sequential):
     """(W [C, d], b [C]) of the layer giving the logits from the flattened penultimate features."""
+    modules = [m for m in model if not isinstance(m, nn.Flatten)]
+    if len(modules) > 1 and is_affine(modules[-2]):  # the last layer is composed (pooling, then Linear)
+        shape = getattr(model, "input_shape", None)
+        if not shape:
+            raise ValueError("a pooling layer before the logits needs the model's input_shape attribute")
+        op = network_layers(model, input_shape=shape)[0][-1]
+        if not op.gives_logits:
+            raise ValueError("the model must end with a Linear layer giving the logits")
+        return op.logit_weights()
     layers = [m for m in model if is_affine(m)]
     weight = getattr(layers[-1], "weight", None) if layers else None
     if weight is None or weight.dim() != 2:

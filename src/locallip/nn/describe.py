@@ -22,12 +22,14 @@ import torch
 from torch import nn
 
 from .activations import ClippedMaxMin, ClippedReLU, MaxMin, ReLU
-from .models import LipschitzNet, Normalize
+from .models import LipschitzNet, Normalize, pooling_problem
 from .shapes import output_shape
 
 FORMAT = "locallip-sequential-1"
-SUPPORTED = ("conv2d", "linear", "flatten", "normalize", "relu", "clipped_relu", "maxmin", "clipped_maxmin")
-_HINT = f"supported layers: {', '.join(SUPPORTED)} (a plain Sequential: no pooling, normalisation layers or skips)"
+SUPPORTED = ("conv2d", "linear", "flatten", "normalize", "relu", "clipped_relu", "maxmin", "clipped_maxmin",
+             "batchnorm2d", "batchnorm1d", "avgpool2d")
+_HINT = (f"supported layers: {', '.join(SUPPORTED)} (a plain Sequential: no max pooling or skips; a batchnorm "
+         f"right after a conv2d or linear layer, in eval mode)")
 
 
 class UnsupportedModel(ValueError):
@@ -43,6 +45,23 @@ def _conv(m: nn.Conv2d) -> dict:
             "bias": m.bias is not None}
 
 
+def _batchnorm(m: nn.Module) -> dict:
+    kind = "batchnorm2d" if isinstance(m, nn.BatchNorm2d) else "batchnorm1d"
+    if not m.track_running_stats or m.running_mean is None:
+        raise UnsupportedModel(f"layer {kind} without running statistics (track_running_stats=False) normalises "
+                               f"with each batch's own: it is no fixed map to certify")
+    # The running statistics and the affine parameters travel in the weights file.
+    return {"type": kind, "num_features": m.num_features, "eps": float(m.eps), "affine": m.affine}
+
+
+def _avgpool(m: nn.AvgPool2d) -> dict:
+    if pooling_problem(m):
+        raise UnsupportedModel(f"layer {pooling_problem(m)}")
+    pair = (lambda v: list(v) if isinstance(v, (tuple, list)) else [int(v), int(v)])
+    return {"type": "avgpool2d", "kernel_size": pair(m.kernel_size),
+            "stride": pair(m.kernel_size if m.stride is None else m.stride), "padding": pair(m.padding)}
+
+
 def describe(model: nn.Module, input_shape: Sequence[int]) -> dict:
     """The layer list of a plain ``nn.Sequential`` (``UnsupportedModel`` names any other layer)."""
     if not isinstance(model, nn.Sequential):
@@ -56,6 +75,10 @@ def describe(model: nn.Module, input_shape: Sequence[int]) -> dict:
                            "bias": m.bias is not None})
         elif isinstance(m, nn.Flatten):
             layers.append({"type": "flatten"})
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            layers.append(_batchnorm(m))
+        elif isinstance(m, nn.AvgPool2d):
+            layers.append(_avgpool(m))
         elif isinstance(m, Normalize):
             layers.append({"type": "normalize", "mean": m.mean.flatten().tolist(), "std": m.std.flatten().tolist()})
         elif isinstance(m, (nn.ReLU, ReLU)):
@@ -147,6 +170,20 @@ def _layer(spec: Any, i: int) -> nn.Module:
         if kind == "clipped_maxmin" and shape[0] % 2:
             raise UnsupportedModel(f"{where}: shape[0] must be even (channels are paired), got {shape[0]}")
         return (ClippedReLU if kind == "clipped_relu" else ClippedMaxMin)(shape)
+    if kind in ("batchnorm2d", "batchnorm1d"):
+        _require(spec, ("num_features",), where)
+        eps = spec.get("eps", 1e-5)
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps <= 1):
+            raise UnsupportedModel(f"{where}: eps must be a number in (0, 1], got {_short(eps)}")
+        if not isinstance(spec.get("affine", True), bool):
+            raise UnsupportedModel(f"{where}: affine must be true or false, got {_short(spec['affine'])}")
+        bn = nn.BatchNorm2d if kind == "batchnorm2d" else nn.BatchNorm1d
+        return bn(_int(spec, "num_features", where), eps=float(eps), affine=spec.get("affine", True))
+    if kind == "avgpool2d":
+        _require(spec, ("kernel_size",), where)
+        kernel = _int_pair(spec, "kernel_size", where)
+        return nn.AvgPool2d(kernel, stride=_int_pair(spec, "stride", where, default=list(kernel)),
+                            padding=_int_pair(spec, "padding", where, low=0, default=0))
     simple = {"flatten": nn.Flatten, "relu": ReLU, "maxmin": MaxMin}
     if kind in simple:
         return simple[kind]()
@@ -174,7 +211,8 @@ def outline(description: Dict[str, Any]) -> tuple:
     sizes within the limits. Returns ({name: shape} of the weights, classes)."""
     shape = tuple(_checked_shape(description))
     with torch.device("meta"):
-        modules = [_layer(spec, i) for i, spec in enumerate(description["layers"])]
+        # eval mode: what is certified, and a batchnorm takes a batch of one point
+        modules = [_layer(spec, i).eval() for i, spec in enumerate(description["layers"])]
     for i, m in enumerate(modules):
         where = f"layer {i} ({description['layers'][i]['type']})"
         if isinstance(m, Normalize) and (len(shape) != 3 or m.mean.numel() != shape[0]):
@@ -257,8 +295,10 @@ def check_state(expected: Dict[str, tuple], state: Any) -> Dict[str, Any]:
     """``state`` against the expected names and shapes; the names the network loads."""
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise UnsupportedModel("the weights must be a state_dict: a mapping of names to tensors")
-    # A normalize layer's mean and std are in its description: the weights need not carry them.
-    needed = {k for k in expected if not k.endswith((".mean", ".std")) or k in state}
+    # A normalize layer's mean and std are in its description: the weights need not carry them; a
+    # batchnorm's batch counter plays no part in eval mode (read if present, never needed).
+    needed = {k for k in expected if (not k.endswith((".mean", ".std")) or k in state)
+              and not k.endswith(".num_batches_tracked")}
     missing = sorted(needed - set(state))
     unexpected = sorted(k for k in set(state) - set(expected) if not k.startswith("power_vector"))
     if missing or unexpected:

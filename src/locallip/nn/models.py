@@ -29,6 +29,19 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+#: Modules without weights that the bounds join with the affine layer next to them into one
+#: operator (``bounds/layers/composed.py``): such a pair gets one warm-start vector.
+JOINS_NEIGHBOURS = (nn.AvgPool2d,)
+
+
+def pooling_problem(m: nn.AvgPool2d) -> Optional[str]:
+    """Why the bounds cannot take this AvgPool2d (None: they can)."""
+    if m.ceil_mode or not m.count_include_pad or m.divisor_override is not None:
+        return (f"AvgPool2d with ceil_mode={m.ceil_mode}, count_include_pad={m.count_include_pad}, "
+                f"divisor_override={m.divisor_override}: only the defaults (False, True, None) are supported")
+    return None
+
+
 class LipschitzNet(nn.Sequential):
     """A Sequential that also records its input shape, class count and build spec."""
 
@@ -42,19 +55,32 @@ class LipschitzNet(nn.Sequential):
         # operator: Conv2d, Linear, a residual block, ...), warm-started across training steps by
         # the global bound's power iteration. Buffers: saved in checkpoints, no gradient.
         gen = torch.Generator().manual_seed(0)
-        h = torch.zeros(1, *self.input_shape)
-        index = 0
+        first = next(self.parameters(), None)  # the shape pass runs in the layers' own dtype
+        h = torch.zeros(1, *self.input_shape, dtype=torch.float32 if first is None else first.dtype)
+        index, previous = 0, None  # previous: the affine module just before (only Flatten since)
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()  # the shape pass changes nothing (a BatchNorm's running statistics) and takes a batch of 1
         with torch.no_grad():
             for m in self:
                 if is_affine_module(m):
-                    v = torch.randn(h[0].numel(), generator=gen)
-                    self.register_buffer(f"power_vector_{index}", v / v.norm())
-                    index += 1
+                    # A pooling layer and its affine neighbour are one operator for the bounds: one vector.
+                    joined = previous is not None and (isinstance(previous, JOINS_NEIGHBOURS)
+                                                       or isinstance(m, JOINS_NEIGHBOURS))
+                    if not joined:
+                        v = torch.randn(h[0].numel(), generator=gen)
+                        self.register_buffer(f"power_vector_{index}", v / v.norm())
+                        index += 1
+                    previous = m
+                elif not isinstance(m, nn.Flatten):
+                    previous = None
                 h = m(h)
+        for m, training in modes:
+            m.training = training
 
     def power_vectors(self) -> List[torch.Tensor]:
         """Warm-start vectors of the layers, in order (flattened layer inputs)."""
-        return [getattr(self, f"power_vector_{i}") for i in range(len(self.affine_layers()))]
+        return [getattr(self, f"power_vector_{i}") for i in range(len(self.affine_layers()))
+                if hasattr(self, f"power_vector_{i}")]
 
     def affine_layers(self) -> List[nn.Module]:
         return [m for m in self if is_affine_module(m)]

@@ -37,6 +37,28 @@ def _linear(m: nn.Linear, shape: Shape) -> Shape:
     return (*shape[:-1], m.out_features)
 
 
+def _batchnorm(m: nn.modules.batchnorm._BatchNorm, shape: Shape) -> Shape:
+    dims = (3,) if isinstance(m, nn.BatchNorm2d) else (1, 2)
+    if len(shape) not in dims or shape[0] != m.num_features:
+        raise ValueError(f"expected {m.num_features} channels/features in a {'[C, H, W]' if dims == (3,) else '[F]'} input")
+    return shape
+
+
+def _avgpool2d(m: nn.AvgPool2d, shape: Shape) -> Shape:
+    pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))
+    kernel, stride, padding = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding)
+    if len(shape) != 3:
+        raise ValueError("expected a [C, H, W] input")
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise ValueError("pad should be at most half of effective kernel size")
+    out = []
+    for size, k, st, p in zip(shape[1:], kernel, stride, padding):
+        if size + 2 * p < k:
+            raise ValueError(f"kernel size {k} is larger than the padded input size {size + 2 * p}")
+        out.append((size + 2 * p - k) // st + 1)
+    return (shape[0], *out)
+
+
 def _paired(shape: Shape) -> Shape:
     if not shape or shape[0] % 2:
         raise ValueError(f"MaxMin needs an even number of channels/features, got {shape[0] if shape else 0}")
@@ -68,6 +90,10 @@ def output_shape(m: nn.Module, shape: Shape) -> Optional[Shape]:
         return _linear(m, shape)
     if type(m) is nn.Flatten and (m.start_dim, m.end_dim) == (1, -1):
         return (math.prod(shape),)
+    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+        return _batchnorm(m, shape)
+    if type(m) is nn.AvgPool2d and not m.ceil_mode:
+        return _avgpool2d(m, shape)
     if type(m) in (ReLU, nn.ReLU, Normalize):
         return shape
     if type(m) is MaxMin:

@@ -33,6 +33,7 @@ from ..foundation.ranges import radius_tag
 from ..foundation.schema import ExternalModel, RunConfig
 from ..foundation.checkpoints import load_error
 from ..nn.describe import UnsupportedModel, build, check_state, load_weights, outline, read_description
+from ..nn.fold import fold_batchnorm
 from .certify_model_report import audit_cell, audit_settings, overview, radii_record, render_report, settle
 from .report.tables import steps_csv
 
@@ -90,7 +91,11 @@ def load_network(cfg: ExternalModel):
         net = load_weights(build(description), state)
     except UnsupportedModel as e:
         raise UnsupportedModel(f"{cfg.model}: {e}") from None
-    network_layers(net.eval())  # the bounds' own check of the layer order
+    try:  # BatchNorm folded into the layer before it (exact up to one rounding): the bounds see that network
+        net = fold_batchnorm(net.eval())
+        network_layers(net)  # the bounds' own check of the layer order
+    except ValueError as e:
+        raise UnsupportedModel(f"{arch}: {e}") from None
     return net, description
 
 

@@ -108,6 +108,16 @@ def overview(cfg: ExternalModel, summaries: Sequence[dict], radii: Optional[dict
     return {"name": cfg.name, "audit": str(cfg.audit), "radii": per, "per_point_radii": radii, "timing": timing}
 
 
+def _folded_note(description: dict) -> str:
+    """What the certificates are about when BatchNorm was folded (certify_model folds every one)."""
+    folded = [str(i) for i, spec in enumerate(description["layers"])
+              if isinstance(spec, dict) and str(spec.get("type", "")).startswith("batchnorm")]
+    if not folded:
+        return ""
+    return (f" BatchNorm (layer {', '.join(folded)}) is folded into the layer before it, exactly up to one rounding "
+            f"of the folded weights: the certificates are about the folded network.")
+
+
 def render_report(cfg: ExternalModel, summaries: Sequence[dict], what: str, description: dict,
                   radii: Optional[dict], total_s: float) -> str:
     """``report.md``: the headline counts first (and that nothing was attacked, when so), then the tables."""
@@ -119,7 +129,7 @@ def render_report(cfg: ExternalModel, summaries: Sequence[dict], what: str, desc
     lines += [f"Model `{cfg.model}` ({len(description['layers'])} layers, input {description['input_shape']}), "
               f"points: {what}, {summaries[0]['n']} of them. The certificates rest on: "
               f"{', '.join(rests) or 'nothing (no point certified)'} (level allowed: "
-              f"{summaries[0]['guarantee_configured']}).", "",
+              f"{summaries[0]['guarantee_configured']}).{_folded_note(description)}", "",
               "| radius | clean (%) | certified (%) | global bound (%) | deterministic share (%) | attack audit |",
               "|---|---|---|---|---|---|"]
     for s in summaries:

@@ -14,10 +14,12 @@ convolution layer, a residual block's ``I + W``, a pooling layer. What it must g
   masks are applied around them by the callers (``masked_linear``, ``masked_transpose``);
 * ``abs_linear(v)``: ``|W| v`` with ``v >= 0``, or anything larger: the interval (IBP) radius;
 * ``row_norms(col_mask)``: ``||row_k(W diag(col_mask))||_2`` per output, or anything larger:
-  the ball bound of each pre-activation;
+  the ball bound of each pre-activation (``col_mask`` is any nonnegative tensor: a 0/1 mask, or the
+  row norms of a layer before it, ``composed.py``);
 * ``guaranteed_norm()``: a deterministic upper bound of ``||W||_2`` (float64, no gradient);
 * ``explicit_matrix()``: ``W`` as a float64 CPU matrix [n_out, n_in] (the exact level's
-  proofs and the oracle tests);
+  proofs and the oracle tests), and ``explicit_matrix_error()``, a bound of its distance from W
+  where its entries are computed rather than placed (default 0);
 * ``cast(dtype)``: the same operator with detached weights in another dtype;
 * ``owner`` / ``weights_key()``: the module whose weights the layer reads, and a key that
   changes whenever they do (caches and ``GlobalBound`` are bound to it).
@@ -112,6 +114,10 @@ class AffineLayer:
         with torch.no_grad():
             basis = torch.eye(n, dtype=torch.float64, device=op.device).view(n, *self.in_shape)
             return op.linear(basis).reshape(n, -1).T.cpu()
+
+    def explicit_matrix_error(self) -> float:
+        """A bound of ||W - explicit_matrix()||_F: 0 where every entry is placed, not computed."""
+        return 0.0
 
     def guaranteed_norm(self) -> Tensor:
         """A deterministic upper bound of ||W||_2 (float64): the SVD of the explicit matrix."""

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from .base import AffineLayer
+from .composed import ComposedLayer
 
 ROLES = ("affine", "activation", "normalize", "flatten")
 
@@ -110,20 +111,28 @@ def network_layers(model: nn.Sequential, input_shape: Optional[Sequence[int]] = 
         elif role == "flatten":
             flatten = True
         elif role == "affine":
-            if not expect_op:
-                raise ValueError("two affine layers in a row: put an activation between them")
             op = kind.make(m, shape, norm, flatten)
+            if not expect_op:
+                # A layer without weights of its own (pooling) joins its neighbour into one operator.
+                if not (getattr(ops[-1], "joins_neighbours", False) or getattr(op, "joins_neighbours", False)):
+                    raise ValueError("two affine layers in a row: put an activation between them")
+                op = ComposedLayer(ops.pop(), op)
             ops.append(op)
             shape = tuple(op.out_shape)
             norm, flatten, expect_op = None, False, False
         elif role == "activation":
             if expect_op:
                 raise ValueError(f"activation {type(m).__name__} must follow an affine layer")
+            if getattr(ops[-1], "joins_neighbours", False):  # nothing with weights to join: no dtype, no norm to mask
+                raise ValueError(f"{type(ops[-1].owner).__name__} must sit next to a Conv2d or Linear layer (nothing "
+                                 f"but Flatten between), not between two activations")
             acts.append(kind.make(m))
             expect_op = True
         else:
+            fold = ("; fold it into the layer before it first: locallip.nn.fold.fold_batchnorm"
+                    if "BatchNorm" in type(m).__name__ else "")
             raise ValueError(f"unsupported module {type(m).__name__}: the bounds handle "
-                             f"{', '.join(registered_names())} (registered layer types; see docs/extending.md)")
+                             f"{', '.join(registered_names())} (registered layer types; see docs/extending.md){fold}")
     if not ops or expect_op or not ops[-1].gives_logits:
         raise ValueError("the model must end with a Linear layer giving the logits")
     return ops, acts

@@ -85,6 +85,8 @@ class WeightedLayer(AffineLayer):
         """||row_k(W diag(col_mask))||_2 for every output neuron k (exact at padded borders)."""
         if col_mask is None:
             col_mask = torch.ones((1,) + self.in_shape, dtype=self.weight.dtype, device=self.weight.device)
-        sq = self._apply(self._scale(col_mask, power=2), self.weight.square())
+        # col_mask squared: a 0/1 mask is unchanged, and a composed layer passes the row norms of the
+        # layer before it as weights (layers/composed.py).
+        sq = self._apply(self._scale(col_mask.square(), power=2), self.weight.square())
         # Clamping away from 0 only enlarges the norm (sound) and keeps sqrt differentiable.
         return sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()

@@ -37,12 +37,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..nn.activations import ClippedReLU, MaxMin
 from .localbound import box_bound
 from .margins import local_margins
 from .operators import network_layers
-from .relaxations import (Relaxation, RelaxationNotApplicable, _norm, _rowdot, check_supported,  # noqa: F401
-                          unstable_neurons)
+from .relaxations import (PAIRED, Relaxation, RelaxationNotApplicable, _norm, _rowdot, check_supported,  # noqa: F401
+                          magnitude, unstable_neurons)
 
 Tensor = torch.Tensor
 Bounds = List[Tuple[Tensor, Tensor]]
@@ -147,10 +146,7 @@ class LinearRelaxation:
 
     def _add_layer(self, ctx: dict, relax: List[Relaxation], l: int, lo: Tensor, hi: Tensor) -> None:
         """Relax layer l on its (final) box; record the norm bound of z_l and h_l on the ball."""
-        big = torch.maximum(lo.abs(), hi.abs())
-        if isinstance(self.acts[l], ClippedReLU):  # |clip(z, 0, theta)| <= max(|z|, -theta)
-            big = torch.maximum(big, (-self.acts[l].theta.detach().double()).clamp_min(0))
-        ctx["zmax"].append(_norm(big))
+        ctx["zmax"].append(_norm(magnitude(self.acts[l], lo, hi)))
         relax.append(Relaxation(self.acts[l], lo, hi))
 
     def _back_first(self, nu: Tensor, const: Tensor, mag: Tensor, s: int, relax: List[Relaxation], ctx: dict,
@@ -174,7 +170,7 @@ class LinearRelaxation:
         """Layer 1's neurons grouped by the support of W_1^T e_k: (group of each neuron, each neuron's
         row on its support, each group's ``_back_first`` data); None where it does not apply (a layer
         not kept explicitly, MaxMin pairs at layer 0)."""
-        if len(self.ops) < 3 or self.basis[0] is None or self.basis[1] is None or isinstance(self.acts[0], MaxMin):
+        if len(self.ops) < 3 or self.basis[0] is None or self.basis[1] is None or isinstance(self.acts[0], PAIRED):
             return None
         rows1, rows0 = self.basis[1].flatten(1), self.basis[0].flatten(1)
         keys, member = torch.unique(rows1 != 0, dim=0, return_inverse=True)

@@ -38,7 +38,8 @@ def _composed_gap(la: float, ua: float, lb: float, ub: float, centre: np.ndarray
     act = ClippedMaxMin((2,)).double().requires_grad_(False)
     act.theta_hi.fill_(THETA)
     act.theta_lo.fill_(1e6)  # the min output's clamp never binds
-    relax = Relaxation(act, torch.tensor([[la, lb]], dtype=torch.float64), torch.tensor([[ua, ub]], dtype=torch.float64))
+    box = torch.tensor([[la, lb], [ua, ub]], dtype=torch.float64)
+    relax = Relaxation(act, box[:1], box[1:])
     at = torch.tensor(centre, dtype=torch.float64)
     values = {}
     for sign in (1.0, -1.0):  # sign * P >= mu . z + const

@@ -87,6 +87,18 @@ def test_margins_never_above_sampling_and_pgd(kind, eps):
     assert bool((bound <= attacked).all()) and bool((bound <= sampled).all())
 
 
+def test_alpha_crown_on_clipped_maxmin_is_never_looser_and_still_sound():
+    """alpha tunes MaxMin's relu(a - b) lower slopes (the clamps keep theirs): every bound it keeps is sound."""
+    model = dense_net("clipped_maxmin", seed=9)
+    x = torch.rand(6, 1, 6, generator=torch.Generator().manual_seed(9), dtype=DT)
+    y = model(x).argmax(1)
+    plain = linear_relaxation_margins(model, x, y, 0.5)
+    tuned = linear_relaxation_margins(model, x, y, 0.5, alpha_steps=15)
+    assert bool((tuned >= plain).all()) and float((tuned - plain).max()) > 0
+    attacked = pgd_l2(model, x, y, 0.5, steps=100, restarts=5, generator=torch.Generator().manual_seed(13))
+    assert bool((worst_margin(tuned, y) <= attacked).all())
+
+
 def _trained_net() -> nn.Sequential:
     """A small clipped-MaxMin MLP fitted to three Gaussian clusters in 8-D (thresholds low enough to bind)."""
     torch.manual_seed(0)

@@ -170,11 +170,15 @@ class LinearRelaxation:
     def _support_groups(self) -> Optional[Tuple[Tensor, Tensor, List[Tuple[Tensor, Tensor, Tensor]]]]:
         """Layer 1's neurons grouped by the support of W_1^T e_k: (group of each neuron, each neuron's
         row on its support, each group's ``_back_first`` data); None where it does not apply (a layer
-        not kept explicitly, MaxMin pairs at layer 0)."""
-        if len(self.ops) < 3 or self.basis[0] is None or self.basis[1] is None or isinstance(self.acts[0], PAIRED):
+        not kept explicitly). Pairs at layer 0 (MaxMin): supports closed under c <-> c + C/2."""
+        if len(self.ops) < 3 or self.basis[0] is None or self.basis[1] is None:
             return None
         rows1, rows0 = self.basis[1].flatten(1), self.basis[0].flatten(1)
-        keys, member = torch.unique(rows1 != 0, dim=0, return_inverse=True)
+        nonzero = rows1 != 0
+        if isinstance(self.acts[0], PAIRED):
+            first, second = nonzero.chunk(2, dim=1)
+            nonzero = (first | second).repeat(1, 2)
+        keys, member = torch.unique(nonzero, dim=0, return_inverse=True)
         groups = []
         compact = torch.zeros(rows1.shape[0], int(keys.sum(1).max()), dtype=torch.float64)
         for g, key in enumerate(keys):

@@ -130,11 +130,14 @@ class _Clamps:
         self.c_norm = _norm(torch.maximum(self.c_lower.abs(), self.c_upper.abs()))
         self.v_norm = _norm(torch.maximum(lo.abs(), hi.abs()))  # >= ||(m, n)|| = ||(a, b)||
 
-    def back(self, nu: Tensor, s: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """(t, const, mag): nu . clamp(v) >= t . v + const on the box, t = nu a (lower line where nu >= 0)."""
+    def back(self, nu: Tensor, s: int, support: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """(t, const, mag): nu . clamp(v) >= t . v + const on the box, t = nu a (lower line where nu >= 0).
+        ``support``: nu holds only these (flattened) coordinates."""
+        def pick(t: Tensor) -> Tensor:
+            return t[s:s + 1] if support is None else t[s:s + 1].flatten(1)[:, support]
         lower = nu >= 0
-        slope = torch.where(lower, self.a_lower[s:s + 1], self.a_upper[s:s + 1])
-        intercept = torch.where(lower, self.c_lower[s:s + 1], self.c_upper[s:s + 1])
+        slope = torch.where(lower, pick(self.a_lower), pick(self.a_upper))
+        intercept = torch.where(lower, pick(self.c_lower), pick(self.c_upper))
         return nu * slope, _rowdot(nu, intercept), 4 * _norm(nu) * (self.c_norm[s] + self.v_norm[s])
 
 
@@ -172,9 +175,12 @@ class Relaxation:
         """(mu, const, mag) per row of sample s: nu . act(z) >= mu . z + const for z in the box;
         mag: the magnitude its rounding is relative to (module docstring). ``alpha``: lower
         slopes per row for the unstable neurons (any value in [0, 1] is sound). ``support``:
-        nu holds only these (flattened) coordinates, the others being 0 (elementwise layers)."""
+        nu holds only these (flattened) coordinates, the others being 0; for pairs it is closed
+        under c <-> c + C/2 and sorted, so its first half indexes the pairs (and d)."""
+        relaxed = support if support is None or not self.pairs else support[:support.numel() // 2]
+
         def pick(t: Tensor) -> Tensor:
-            return t[s:s + 1] if support is None else t[s:s + 1].flatten(1)[:, support]
+            return t[s:s + 1] if relaxed is None else t[s:s + 1].flatten(1)[:, relaxed]
         a_lo, a_up, c_lo, c_up, c_norm = (pick(self.a_lower), pick(self.a_upper), pick(self.c_lower),
                                           pick(self.c_upper), self.c_norm[s])
         if alpha is not None:
@@ -185,7 +191,7 @@ class Relaxation:
             c_norm = _norm(torch.maximum(c_lo.abs(), c_up.abs()))
         clamp_const, clamp_mag = 0.0, 0.0
         if self.clamps is not None:  # through the clamps first: nu becomes the coefficients of (m, n)
-            nu, clamp_const, clamp_mag = self.clamps.back(nu, s)
+            nu, clamp_const, clamp_mag = self.clamps.back(nu, s, support)
         if self.pairs:
             nu_max, nu_min = nu.chunk(2, dim=1)
             w = nu_max - nu_min  # coefficient of relu(d): nu_max (b + relu(d)) + nu_min (a - relu(d))

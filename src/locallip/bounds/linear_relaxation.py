@@ -25,8 +25,8 @@ minimum over ||x' - x|| <= eps of nu . x' + d is nu . x + d - eps ||nu||_2.
   network. Products are assumed to be sums of products in some order (no fast algorithms).
 * Cost per point, per layer l: 2 rows per unstable neuron (both signs), each a back-substitution
   through layers l-1..0; C rows for the margins. Layer 1's rows stay on their receptive fields
-  (the support of W_1^T e_k, closed under a MaxMin pairing, and of its image under W_0^T), so a convolution costs what its
-  kernel covers, not the whole feature map. Rows run per sample, in chunks of at most
+  (the support of W_1^T e_k, closed under a MaxMin pairing, and of its image under W_0^T), so a
+  convolution costs what its kernel covers, not the whole feature map. Rows run per sample, in chunks of at most
   ``DEFAULT_MAX_BYTES`` (a row holds ~6 tensors of the largest layer's size in float64).
 """
 from __future__ import annotations

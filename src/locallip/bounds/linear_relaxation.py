@@ -20,9 +20,9 @@ minimum over ||x' - x|| <= eps of nu . x' + d is nu . x + d - eps ||nu||_2.
   plus fan-out of a layer, plus 16); the bound returned is value - 2 gamma_N mag, the factor 2
   covering the rounding of ``mag`` itself. ||h_l|| <= ||z_l|| for these activations with thresholds
   >= 0 (|clip(z)| <= |z|; sorting a pair keeps its norm), and ``relaxations.magnitude`` bounds both
-  (it widens the bound where a threshold is negative). Offsets are op.forward(0): exact without a Normalize; with
-  one, the model's own evaluation of W(-mean/std) + b, which the whole cascade takes as the
-  network. Products are assumed to be sums of products in some order (no fast algorithms).
+  (it widens the bound where a threshold is negative). Offsets are op.forward(0): exact without a
+  Normalize; with one, the model's own evaluation of W(-mean/std) + b, which the whole cascade
+  takes as the network. Products are assumed to be sums of products in some order (no fast algorithms).
 * Cost per point, per layer l: 2 rows per unstable neuron (both signs), each a back-substitution
   through layers l-1..0; C rows for the margins. Layer 1's rows stay on their receptive fields
   (the support of W_1^T e_k, closed under a MaxMin pairing, and of its image under W_0^T), so a

@@ -1,6 +1,7 @@
 """The linear relaxation (``bounds.linear_relaxation``): sound, and never looser than what it starts from.
 
-* soundness on small random nets (dense and conv; ReLU, clipped ReLU, MaxMin): no margin lower
+* soundness on small random nets (dense and conv; ReLU, clipped ReLU, MaxMin, clipped MaxMin with
+  thresholds that bind inside the balls): no margin lower
   bound above the smallest margin found by dense sampling in the ball plus a per-margin PGD;
 * exactness of the check on 2-D inputs with one hidden layer: the minimum of the (piecewise-linear)
   margin over the disc is found exactly, as the least value over the candidate points
@@ -23,8 +24,8 @@ import locallip.bounds.linear_relaxation as lr_mod
 import locallip.bounds.relaxations as relax_mod
 from locallip.bounds import box_bound, local_margins
 from locallip.bounds.empirical import random_points_in_ball
-from locallip.bounds.linear_relaxation import LinearRelaxation, RelaxationNotApplicable, linear_relaxation_margins
-from locallip.nn.activations import ClippedReLU, MaxMin, make_activation
+from locallip.bounds.linear_relaxation import LinearRelaxation, linear_relaxation_margins
+from locallip.nn.activations import ClippedMaxMin, ClippedReLU, MaxMin, make_activation
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("own_rng", "one_thread")
@@ -36,6 +37,9 @@ def _thetas(model: nn.Module, gen: torch.Generator) -> nn.Module:
         for m in model.modules():
             if isinstance(m, ClippedReLU):
                 m.theta.copy_(0.1 + 0.6 * torch.rand(m.theta.shape, generator=gen))
+            elif isinstance(m, ClippedMaxMin):
+                m.theta_hi.copy_(0.1 + 0.6 * torch.rand(m.theta_hi.shape, generator=gen))
+                m.theta_lo.copy_(0.1 + 0.6 * torch.rand(m.theta_lo.shape, generator=gen))
     return model
 
 
@@ -91,7 +95,8 @@ def _empirical_min(model, x, y, eps: float, samples: int = 3000) -> torch.Tensor
 
 
 CASES = [("dense", "relu"), ("dense", "torch_relu"), ("dense", "clipped_relu"), ("dense", "maxmin"),
-         ("conv", "relu"), ("conv", "clipped_relu"), ("conv", "maxmin")]
+         ("dense", "clipped_maxmin"), ("conv", "relu"), ("conv", "clipped_relu"), ("conv", "maxmin"),
+         ("conv", "clipped_maxmin")]
 
 
 @pytest.mark.parametrize("kind,act", CASES)
@@ -108,6 +113,11 @@ def test_never_above_the_smallest_margin_found(kind, act, eps):
 
 def _kink_lines(act, w: torch.Tensor, b: torch.Tensor):
     """(normal, offset) of every line where the hidden layer's activation changes piece."""
+    if isinstance(act, ClippedMaxMin):  # a = b, and a or b at theta_hi or at -theta_lo
+        half = w.shape[0] // 2
+        th, tl = act.theta_hi.detach(), act.theta_lo.detach()
+        return (torch.cat([w[:half] - w[half:], w, w, w, w]),
+                torch.cat([b[:half] - b[half:], b[:half] - th, b[half:] - th, b[:half] + tl, b[half:] + tl]))
     if isinstance(act, MaxMin):
         half = w.shape[0] // 2
         return w[:half] - w[half:], b[:half] - b[half:]
@@ -119,6 +129,17 @@ def _kink_lines(act, w: torch.Tensor, b: torch.Tensor):
 
 def _piece_jacobians(act, n: int):
     """Every d act / d z a linear piece of the activation can have."""
+    if isinstance(act, ClippedMaxMin):  # each output of a pair follows a, b or is constant
+        half = n // 2
+        for picks in itertools.product(itertools.product([None, 0, 1], repeat=2), repeat=half):
+            p = torch.zeros(n, n, dtype=DT)
+            for i, (hi_pick, lo_pick) in enumerate(picks):
+                if hi_pick is not None:
+                    p[i, i + half * hi_pick] = 1.0
+                if lo_pick is not None:
+                    p[i + half, i + half * lo_pick] = 1.0
+            yield p
+        return
     if isinstance(act, MaxMin):
         half = n // 2
         for swap in itertools.product([False, True], repeat=half):
@@ -162,7 +183,7 @@ def _exact_min_over_disc(model, x0: torch.Tensor, y: int, eps: float) -> torch.T
         return _margins_at(model, pts[:, None, None, :], torch.tensor([y])).min(dim=0).values[0]
 
 
-@pytest.mark.parametrize("act", ["relu", "clipped_relu", "maxmin"])
+@pytest.mark.parametrize("act", ["relu", "clipped_relu", "maxmin", "clipped_maxmin"])
 def test_never_above_the_exact_minimum_on_2d_inputs(act):
     torch.manual_seed(5)
     model = nn.Sequential(nn.Flatten(), nn.Linear(2, 6), make_activation(act, (6,)), nn.Linear(6, 3)).to(DT)
@@ -231,8 +252,12 @@ def test_exact_at_radius_zero():
     assert bool((bound <= clean).all()) and float((clean - bound).max()) < 1e-9
 
 
-def test_receptive_field_path_equals_the_dense_one():
-    model = conv_net("relu", seed=3)
+@pytest.mark.parametrize("act", ["relu", "maxmin", "clipped_maxmin"])
+def test_receptive_field_path_equals_the_dense_one(act):
+    model = conv_net(act, seed=3)
+    if act != "relu":  # rows of layer 1 that miss one member of each pair: their support must add it
+        with torch.no_grad():
+            model[2].weight[:3, :2] = 0
     x = torch.rand(4, 1, 7, 7, generator=torch.Generator().manual_seed(3), dtype=DT)
     y = model(x).argmax(1)
     net = LinearRelaxation(model, (1, 7, 7))
@@ -253,12 +278,6 @@ def test_a_wrong_relaxation_is_caught(monkeypatch):
                         if lower else torch.zeros_like(slope))
     bound = linear_relaxation_margins(model, x, y, 0.5)
     assert bool((bound > _empirical_min(model, x, y, 0.5)).any())
-
-
-def test_clipped_maxmin_does_not_apply():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), make_activation("clipped_maxmin", (6,)), nn.Linear(6, 2))
-    with pytest.raises(RelaxationNotApplicable, match="ClippedMaxMin"):
-        linear_relaxation_margins(model.to(DT), torch.rand(2, 1, 4, dtype=DT), torch.tensor([0, 1]), 0.1)
 
 
 def test_layers_too_large_to_keep_give_the_same_bounds(monkeypatch):

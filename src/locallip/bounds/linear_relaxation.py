@@ -18,17 +18,18 @@ minimum over ||x' - x|| <= eps of nu . x' + d is nu . x + d - eps ||nu||_2.
   each sum of intercept terms (<= ||w|| ||max(|cL|, |cU|)||), the constants' additions and the
   final concretization. Each is at most gamma_N times one term of ``mag`` (N: the largest fan-in
   plus fan-out of a layer, plus 16); the bound returned is value - 2 gamma_N mag, the factor 2
-  covering the rounding of ``mag`` itself. ||h_l|| <= ||z_l|| for these activations (|clip(z)| <=
-  |z|; sorting a pair keeps its norm). Offsets are op.forward(0): exact without a Normalize; with
-  one, the model's own evaluation of W(-mean/std) + b, which the whole cascade takes as the
-  network. Products are assumed to be sums of products in some order (no fast algorithms). A
-  composed layer (pooling joined to a conv or linear layer) is applied stage by stage: its N counts
+  covering the rounding of ``mag`` itself. ||h_l|| <= ||z_l|| for these activations with thresholds
+  >= 0 (|clip(z)| <= |z|; sorting a pair keeps its norm), and ``relaxations.magnitude`` bounds both
+  (it widens the bound where a threshold is negative). Offsets are op.forward(0): exact without a
+  Normalize; with one, the model's own evaluation of W(-mean/std) + b, which the whole cascade
+  takes as the network. Products are assumed to be sums of products in some order (no fast algorithms).
+  A composed layer (pooling joined to a conv or linear layer) is applied stage by stage: its N counts
   every stage's fan-in and fan-out, and its ||W||_F is replaced by the product of its stages' (which
   bounds || |W_2| |W_1| ||_F, the magnitude of the two-stage rounding).
 * Cost per point, per layer l: 2 rows per unstable neuron (both signs), each a back-substitution
   through layers l-1..0; C rows for the margins. Layer 1's rows stay on their receptive fields
-  (the support of W_1^T e_k and of its image under W_0^T), so a convolution costs what its
-  kernel covers, not the whole feature map. Rows run per sample, in chunks of at most
+  (the support of W_1^T e_k, closed under a MaxMin pairing, and of its image under W_0^T), so a
+  convolution costs what its kernel covers, not the whole feature map. Rows run per sample, in chunks of at most
   ``DEFAULT_MAX_BYTES`` (a row holds ~6 tensors of the largest layer's size in float64).
 """
 from __future__ import annotations
@@ -40,12 +41,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..nn.activations import ClippedReLU, MaxMin
 from .localbound import box_bound
 from .margins import local_margins
 from .operators import network_layers
-from .relaxations import (Relaxation, RelaxationNotApplicable, _norm, _rowdot, check_supported,  # noqa: F401
-                          unstable_neurons)
+from .relaxations import (PAIRED, Relaxation, RelaxationNotApplicable, _norm, _rowdot, check_supported,  # noqa: F401
+                          magnitude, unstable_neurons)
 
 Tensor = torch.Tensor
 Bounds = List[Tuple[Tensor, Tensor]]
@@ -158,10 +158,7 @@ class LinearRelaxation:
 
     def _add_layer(self, ctx: dict, relax: List[Relaxation], l: int, lo: Tensor, hi: Tensor) -> None:
         """Relax layer l on its (final) box; record the norm bound of z_l and h_l on the ball."""
-        big = torch.maximum(lo.abs(), hi.abs())
-        if isinstance(self.acts[l], ClippedReLU):  # |clip(z, 0, theta)| <= max(|z|, -theta)
-            big = torch.maximum(big, (-self.acts[l].theta.detach().double()).clamp_min(0))
-        ctx["zmax"].append(_norm(big))
+        ctx["zmax"].append(_norm(magnitude(self.acts[l], lo, hi)))
         relax.append(Relaxation(self.acts[l], lo, hi))
 
     def _back_first(self, nu: Tensor, const: Tensor, mag: Tensor, s: int, relax: List[Relaxation], ctx: dict,
@@ -184,11 +181,15 @@ class LinearRelaxation:
     def _support_groups(self) -> Optional[Tuple[Tensor, Tensor, List[Tuple[Tensor, Tensor, Tensor]]]]:
         """Layer 1's neurons grouped by the support of W_1^T e_k: (group of each neuron, each neuron's
         row on its support, each group's ``_back_first`` data); None where it does not apply (a layer
-        not kept explicitly, MaxMin pairs at layer 0)."""
-        if len(self.ops) < 3 or self.basis[0] is None or self.basis[1] is None or isinstance(self.acts[0], MaxMin):
+        not kept explicitly). Pairs at layer 0 (MaxMin): supports closed under c <-> c + C/2."""
+        if len(self.ops) < 3 or self.basis[0] is None or self.basis[1] is None:
             return None
         rows1, rows0 = self.basis[1].flatten(1), self.basis[0].flatten(1)
-        keys, member = torch.unique(rows1 != 0, dim=0, return_inverse=True)
+        nonzero = rows1 != 0
+        if isinstance(self.acts[0], PAIRED):
+            first, second = nonzero.chunk(2, dim=1)
+            nonzero = (first | second).repeat(1, 2)
+        keys, member = torch.unique(nonzero, dim=0, return_inverse=True)
         groups = []
         compact = torch.zeros(rows1.shape[0], int(keys.sum(1).max()), dtype=torch.float64)
         for g, key in enumerate(keys):

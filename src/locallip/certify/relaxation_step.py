@@ -3,10 +3,11 @@
 It runs on the correct points every Lipschitz step left undecided, the points the screen
 excluded included: the screen only proves that no *Lipschitz* bound certifies them, and a
 linear relaxation is not one. Its margins are sound in floating point and deterministic
-(``bounds.linear_relaxation``), so its certificates count as deterministic. Networks with an
-activation it does not relax (clipped MaxMin) skip it, and the record says so. It costs about
-0.1 s a point on a small CNN (one thread), far more than the Lipschitz steps, so it is a
-setting: ``CascadeSettings.linear_relaxation``.
+(``bounds.linear_relaxation``), so its certificates count as deterministic. It relaxes ReLU,
+clipped ReLU, MaxMin and clipped MaxMin; networks with another activation skip it, and the
+record says so. It costs about 0.1 s a point on a small CNN (one thread; 0.2-0.5 s on the
+showcase 2C2F clipped-MaxMin model, where it certifies nothing more), far more than the
+Lipschitz steps, so it is a setting: ``CascadeSettings.linear_relaxation``.
 """
 from __future__ import annotations
 

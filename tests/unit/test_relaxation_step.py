@@ -107,3 +107,14 @@ def test_auto_is_resolved_before_certifying_and_recorded_as_what_ran():
     chosen = OmegaConf.structured(CertifySettings())
     assert str(resolve_linear_relaxation(chosen, auto_on=True).linear_relaxation) == "on"
     assert str(chosen.linear_relaxation) == "auto"  # the caller's configuration is not changed
+
+
+def test_certify_model_runs_the_step_by_default_except_on_clipped_networks():
+    from locallip.certify.relaxation_step import pays_by_default
+    from locallip.nn.activations import make_activation
+
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    assert pays_by_default(plain)
+    assert pays_by_default(nn.Sequential(nn.Linear(4, 6), make_activation("maxmin", (6,)), nn.Linear(6, 3)))
+    for name in ("clipped_relu", "clipped_maxmin"):
+        assert not pays_by_default(nn.Sequential(nn.Linear(4, 6), make_activation(name, (6,)), nn.Linear(6, 3)))

@@ -18,6 +18,14 @@ from ..bounds.linear_relaxation import LinearRelaxation, RelaxationNotApplicable
 from .steps import STEP
 
 
+def pays_by_default(model) -> bool:
+    """What ``linear_relaxation: auto`` means in certify-model: on, except for networks with clipped
+    (thresholded) activations, the models trained here for a local bound. On the showcase model the step
+    certified no point more, at 28-58x the certification time (``bench/relaxation_cost.py``); on ordinary
+    ReLU networks it certifies up to twice what the Lipschitz steps do (``bench/certify_external.py``)."""
+    return not any(getattr(m, "has_thresholds", False) for m in model.modules())
+
+
 def relaxation_of(state):
     """The model's ``LinearRelaxation`` (a float64 copy with its rows cached), kept on its ``GlobalBound``
     like the warm starts, so every batch of a split reuses it; None where it does not apply."""

@@ -63,9 +63,10 @@ def from_config(cfg, level: Optional[str] = None) -> CascadeSettings:
 
 def resolve_linear_relaxation(cfg, auto_on: bool):
     """The certify configuration with ``linear_relaxation: auto`` made ``on`` or ``off``, so that what
-    ran is what the certificates record. certify-model passes ``auto_on=True`` (networks trained
-    anywhere: the step certifies points no Lipschitz bound can); the pipeline passes False (its models
-    are trained for their Lipschitz bound, and its baselines are certified as their papers do)."""
+    ran is what the certificates record. certify-model passes ``relaxation_step.pays_by_default(model)``
+    (networks trained anywhere: the step certifies points no Lipschitz bound can); the pipeline passes
+    False (its models are trained for their Lipschitz bound, and its baselines are certified as their
+    papers do)."""
     if str(getattr(cfg, "linear_relaxation", "off")) != "auto":
         return cfg
     value = Switch.on if auto_on else Switch.off

@@ -119,7 +119,8 @@ class CertifySettings:
     masked_step: bool = True  # cascade: try masked layer norms on the points global and box leave open
     screen_steps: int = 8  # cascade: Lanczos steps of the from-below estimate that excludes points
     # cascade: a linear relaxation (CROWN) as the last step, for the correct points still undecided (about
-    # 0.1 s a point on a small CNN). auto: on in certify-model, off in the pipeline (Lipschitz-trained models).
+    # 0.1 s a point on a small CNN). auto: off in the pipeline; in certify-model on, but off for
+    # networks with clipped activations (trained here for a local bound: the step found nothing there).
     linear_relaxation: Switch = Switch.auto
     extra_guarantees: List[Guarantee] = field(default_factory=list)  # further levels reported beside it
     delta: float = 1.0e-9  # probabilistic: failure probability per certified point (union over layers)

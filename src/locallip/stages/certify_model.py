@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..bounds import network_layers
+from ..certify.relaxation_step import pays_by_default
 from ..certify.settings import resolve_linear_relaxation
 from ..certify.split import AuditFailure, certify_split, radii_split, write_certificate
 from ..data.splits import DataError, load_splits, read_npz
@@ -155,8 +156,8 @@ def run_certify_model(cfg: ExternalModel, out: Path, run: RunConfig = RunConfig(
     t_start = time.perf_counter()
     out = Path(out)
     check_replaceable(out, "certify-model", OUTPUTS)  # before any work: never over a pipeline experiment
-    cfg = replace(cfg, certify=resolve_linear_relaxation(cfg.certify, auto_on=True))
     net, description = load_network(cfg)
+    cfg = replace(cfg, certify=resolve_linear_relaxation(cfg.certify, auto_on=pays_by_default(net)))
     x, y, what = load_points(cfg, net)
     if run.threads > 0:
         torch.set_num_threads(run.threads)

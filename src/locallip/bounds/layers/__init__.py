@@ -1,6 +1,7 @@
 """The layer protocol (``base``), the layer types the bounds understand, and their one registry.
 
-Registered here: ``Linear`` (``dense``), ``Conv2d`` (``conv``), the activations of
+Registered here: ``Linear`` (``dense``), ``Conv2d`` (``conv``), the residual block
+``ResidualConv2d`` (``residual``: the operator I + W), the activations of
 ``locallip.nn.activations`` and ``torch.nn.ReLU`` (``activation``), and ``Normalize`` / ``Flatten``
 (folded into the next affine layer). A new layer type registers itself the same way
 (docs/extending.md).
@@ -8,17 +9,20 @@ Registered here: ``Linear`` (``dense``), ``Conv2d`` (``conv``), the activations 
 from torch import nn
 
 from ...nn.activations import ClippedMaxMin, ClippedReLU, LipschitzActivation, MaxMin, ReLU
+from ...nn.blocks import ResidualConv2d
 from ...nn.models import Normalize
 from .activation import TorchReLUBounds, itself
 from .base import ActivationBounds, AffineLayer
 from .conv import ConvLayer
 from .dense import DenseLayer
+from .residual import ResidualConvLayer
 from .registry import (LayerType, affine_layer, is_activation, is_affine, layer_type, layer_type_named, network_layers,
                        register_layer, registered_names)
 
 for _kind in (
     LayerType("conv2d", nn.Conv2d, "affine", ConvLayer),
     LayerType("linear", nn.Linear, "affine", DenseLayer),
+    LayerType("residual_conv2d", ResidualConv2d, "affine", ResidualConvLayer),
     LayerType("flatten", nn.Flatten, "flatten"),
     LayerType("normalize", Normalize, "normalize"),
     LayerType("relu", ReLU, "activation", itself),
@@ -31,6 +35,6 @@ for _kind in (
 ):
     register_layer(_kind)
 
-__all__ = ["ActivationBounds", "AffineLayer", "ConvLayer", "DenseLayer", "LayerType", "TorchReLUBounds",
+__all__ = ["ActivationBounds", "AffineLayer", "ConvLayer", "DenseLayer", "LayerType", "ResidualConvLayer", "TorchReLUBounds",
            "affine_layer", "is_activation", "is_affine", "layer_type", "layer_type_named", "network_layers", "register_layer",
            "registered_names"]

@@ -173,3 +173,72 @@ def test_linear_relaxation_back_substitutes_through_blocks_soundly():
     # It certifies at least what the global bound does (it is not a trivial bound).
     g = certify(net, x, y, eps, "global")
     assert int((worst > 0).sum()) >= int(g.certified.sum())
+
+
+# --------------------------------------------------------------------------- the liresnet architecture
+
+
+def test_build_model_lays_out_liresnet_and_rebuilds_it_from_its_spec():
+    from locallip.nn.models import build_model, model_from_spec
+
+    torch.manual_seed(0)
+    net = build_model("liresnet", "clipped_maxmin", (1, 28, 28), 10, depth=3, width=8)
+    kinds = [type(m).__name__ for m in net]
+    assert kinds == (["Conv2d", "ClippedMaxMin"] + ["ResidualConv2d", "ClippedMaxMin"] * 3
+                     + ["Conv2d", "ClippedMaxMin", "Flatten", "Linear", "ClippedMaxMin", "Linear"])
+    assert net[2].channels == 8 and net.spec["depth"] == 3 and net.spec["width"] == 8
+    ops, acts = network_layers(net)
+    assert [type(op).__name__ for op in ops].count("ResidualConvLayer") == 3
+    again = model_from_spec(net.spec)
+    again.load_state_dict(net.state_dict())
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again(x), net(x))
+    default = build_model("liresnet", "maxmin")  # the catalog's depth and width
+    assert sum(isinstance(m, ResidualConv2d) for m in default) == 4 and default[2].channels == 16
+    with pytest.raises(ValueError, match="residual architectures"):
+        build_model("2c2f", depth=2)
+
+
+def test_model_config_liresnet_composes_and_the_train_stage_builds_it():
+    from pathlib import Path
+
+    from locallip.foundation.compose import compose
+    from locallip.pipeline.table import stage_config
+    from locallip.stages.train import build_for_data
+
+    config = Path(__file__).resolve().parents[2] / "config"
+    cfg = compose("smoke", ["model=liresnet", "model.depth=2", "model.width=6"], config_dir=config)
+    assert str(cfg.model.arch) == "liresnet" and cfg.model.depth == 2
+    net = build_for_data(stage_config(cfg, "train"), {"input_shape": [1, 28, 28], "num_classes": 10})
+    assert sum(isinstance(m, ResidualConv2d) for m in net) == 2 and net[2].channels == 6
+
+
+def test_calibration_finds_the_activations_after_blocks():
+    from locallip.nn.models import build_model
+    from locallip.stages.calibrate import threshold_layers
+
+    net = build_model("liresnet", "clipped_relu", (1, 28, 28), 10, depth=2, width=4)
+    acts = [m for m in net if getattr(m, "has_thresholds", False)]
+    assert threshold_layers(net) == acts and len(acts) == 1 + 2 + 1 + 1  # stem, blocks, neck, dense
+
+
+def test_layer_list_round_trips_a_block_network():
+    from locallip.nn.describe import UnsupportedModel, build, describe, load_weights, weights_of
+    from locallip.nn.models import build_model
+
+    torch.manual_seed(1)
+    net = build_model("liresnet", "clipped_maxmin", (1, 28, 28), 10, depth=2, width=4)
+    desc = describe(net, (1, 28, 28))
+    assert desc["layers"][2] == {"type": "residual_conv2d", "channels": 4, "kernel_size": 3, "bias": True}
+    again = load_weights(build(desc, weights_of(net)), weights_of(net))
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again(x), net(x))
+    assert [type(op).__name__ for op in network_layers(again)[0]] == [type(op).__name__ for op in network_layers(net)[0]]
+    bad = {**desc, "layers": [*desc["layers"][:2], {"type": "residual_conv2d", "channels": 4, "kernel_size": 2},
+                              *desc["layers"][3:]]}
+    with pytest.raises(UnsupportedModel, match="layer 2 .*kernel_size must be odd"):
+        build(bad)
+    wrong = {**desc, "layers": [*desc["layers"][:2], {"type": "residual_conv2d", "channels": 5, "kernel_size": 3},
+                                *desc["layers"][3:]]}
+    with pytest.raises(UnsupportedModel, match="layer 2 .*does not fit"):
+        build(wrong)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Sequence
 
-from .catalog import ACTIVATIONS, ARCHITECTURES, DATASETS
+from .catalog import ACTIVATIONS, ARCHITECTURES, DATASETS, RESIDUAL_ARCHITECTURES
 
 
 class Choice(str, Enum):
@@ -26,7 +26,7 @@ def _choices(name: str, values: Sequence[str]):
 
 # One list per concept: the registries are the source of the choices.
 DatasetName = _choices("DatasetName", list(DATASETS))
-Arch = _choices("Arch", list(ARCHITECTURES))
+Arch = _choices("Arch", list(ARCHITECTURES) + list(RESIDUAL_ARCHITECTURES))
 Activation = _choices("Activation", list(ACTIVATIONS))
 
 

@@ -36,7 +36,9 @@ Bound = _choices("Bound", ["local", "global"])  # `global` is a Python keyword: 
 class Loss(Choice):
     bcp_mix = "bcp_mix"
     gloro = "gloro"
-    gloro_trades = "gloro_trades"
+    gloro_trades = "gloro_trades"  # TRADES-KL with the ⊥ logit at the label, unclipped
+    trades_kl = "trades_kl"  # the GloRo reference's sparse_trades_kl (⊥ at the prediction, Keras clipping)
+    emma = "emma"  # LiResNet's EMMA
 
 
 class LastLayer(Choice):

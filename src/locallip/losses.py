@@ -40,6 +40,40 @@ def gloro_trades_loss(logits: Tensor, margins: Tensor, y: Tensor, lam: float) ->
     return clean + lam * kl
 
 
+def emma_loss(logits: Tensor, margins: Tensor, y: Tensor) -> Tensor:
+    """EMMA (Hu et al. 2023, LiResNet's ``emma_loss``): CE over logits where each other class j gains only
+    part of what the bound lets it gain, its own share t_j of the bound.
+
+    With d_j = z_y - z_j the clean margin and g_j = d_j - m_j >= 0 what the bound takes off it (eps K_yj
+    for the global bound), class j's logit relative to z_y is -d_j + t_j g_j, with
+    t_j = clip(d_j / g_j, 0.01, 1) held constant (no gradient): the radius at which j would catch up,
+    as a fraction of eps. Where every t_j = 1 this is CE of the worst-case logits; where the bound
+    takes nothing (g = 0) it is CE(z, y).
+    """
+    clean = logits - logits.gather(1, y[:, None])  # z_j - z_y = -d_j
+    gap = -clean - margins
+    share = (-clean / gap.clamp_min(1e-8)).clamp(0.01, 1.0).detach()
+    # The label's own column is exactly 0 (the reference's K_yy = 0), whatever column y of margins holds.
+    emma = (clean + share * gap).masked_fill(F.one_hot(y, logits.shape[1]).bool(), 0.0)
+    return F.cross_entropy(emma, y)
+
+
+def trades_kl_loss(logits: Tensor, margins_pred: Tensor, y: Tensor, lam: float) -> Tensor:
+    """The GloRo reference's ``sparse_trades_kl.lam`` (klasleino/gloro, ``training/losses.py``):
+    CE(z, y) + lam * KL(p || q) with p = [softmax(z), 0] and q = softmax([z, z_bot]).
+
+    As in the reference, the ⊥ logit is taken at the *predicted* class: ``margins_pred`` are the
+    margin lower bounds of z_pred - z_j (pred = argmax z), and both distributions are clipped to
+    [1e-7, 1] before the KL, as Keras' ``KLDivergence`` does (so the ⊥ column counts with 1e-7).
+    """
+    pred = logits.argmax(1)
+    clean = F.cross_entropy(logits, y)
+    p = F.pad(F.softmax(logits, dim=1), (0, 1)).clamp(1e-7, 1.0)
+    q = F.softmax(bottom_logit(logits, margins_pred, pred), dim=1).clamp(1e-7, 1.0)
+    kl = (p * (p.log() - q.log())).sum(dim=1).mean()
+    return clean + lam * kl
+
+
 def sparsity_loss(pre_bounds: List[Tuple[Tensor, Tensor]], acts: list) -> Tensor:
     """Mean over clipped-activation layers of each neuron's distance to a fixed region.
 

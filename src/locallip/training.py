@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .bounds import (NormSettings, clean_pass, converged_layer_norms, global_bound, global_margins, local_bound,
                      local_margins, network_layers)
 from .foundation.schema import TrainConfig
-from .losses import bcp_mix_loss, gloro_loss, gloro_trades_loss, sparsity_loss
+from .losses import bcp_mix_loss, emma_loss, gloro_loss, gloro_trades_loss, sparsity_loss, trades_kl_loss
 from .nn.activations import clamp_thresholds
 from .nn.models import LipschitzNet
 
@@ -107,6 +107,12 @@ def bound_diagnostics(model: LipschitzNet, x: Tensor, eps: float, tc: TrainConfi
             "fixed_per_layer_val": lb.fixed_fraction_per_layer()}
 
 
+def margin_anchor(logits: Tensor, y: Tensor, tc: TrainConfig) -> Tensor:
+    """The class the margins are taken from: the label, or the prediction for the GloRo reference's TRADES
+    (its ⊥ logit is at the predicted class)."""
+    return logits.argmax(1).detach() if tc.loss == "trades_kl" else y
+
+
 def robust_loss(model: LipschitzNet, x: Tensor, y: Tensor, eps: float, kappa: float, tc: TrainConfig
                 ) -> Tuple[Tensor, Dict[str, object]]:
     """Training loss at radius eps with the configured bound and loss."""
@@ -119,7 +125,7 @@ def robust_loss(model: LipschitzNet, x: Tensor, y: Tensor, eps: float, kappa: fl
             training_global_bound(model, tc)
         lb = training_local_bound(model, x, eps, tc)
         logits = lb.logits
-        margins = local_margins(model, lb, y, tc.last_layer)
+        margins = local_margins(model, lb, margin_anchor(logits, y, tc), tc.last_layer)
         stats["fixed_fraction"] = lb.fixed_fraction()
         stats["fixed_per_layer"] = lb.fixed_fraction_per_layer()
         stats["masked_per_layer"] = list(lb.record.masked_fraction or [])
@@ -130,11 +136,15 @@ def robust_loss(model: LipschitzNet, x: Tensor, y: Tensor, eps: float, kappa: fl
         g = training_global_bound(model, tc)
         clean = clean_pass(model, x)
         logits = clean.logits
-        margins = global_margins(model, logits, clean.features, y, g.lipschitz, eps)
+        margins = global_margins(model, logits, clean.features, margin_anchor(logits, y, tc), g.lipschitz, eps)
     if tc.loss == "bcp_mix":
         loss = bcp_mix_loss(logits, margins, y, kappa)
     elif tc.loss == "gloro":
         loss = gloro_loss(logits, margins, y)
+    elif tc.loss == "emma":
+        loss = emma_loss(logits, margins, y)
+    elif tc.loss == "trades_kl":
+        loss = trades_kl_loss(logits, margins, y, tc.trades_lambda)
     else:
         loss = gloro_trades_loss(logits, margins, y, tc.trades_lambda)
     return loss + extra, stats

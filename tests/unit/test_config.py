@@ -44,7 +44,7 @@ def test_cifar_radius_is_written_once():
     ("+train.epochz=3", "epochz"),  # unknown key, even when added with +
     ("train.epochz=3", "epochz"),
     ("train.epochs=many", "could not be converted to Integer"),  # the reason, not just "error merging"
-    ("model.arch=9c9f", "expected one of [2c2f, 4c3f, 6c2f, 8c2f]"),
+    ("model.arch=9c9f", "expected one of [2c2f, 4c3f, 6c2f, 8c2f, liresnet]"),
     ("train.bound=glob", "expected one of [local, global]"),
     ("certify.guarantee=likely", "expected one of [probabilistic, exact, estimate]"),
 ])
@@ -66,7 +66,7 @@ BAD = [
     "train.diagnostics_size=-1", "train.eps_train=-0.1", "train.val_max_iter=0",
     "calibrate.tol=inf", "calibrate.batch_size=0", "calibrate.max_clean_drop=1.5", "calibrate.scales=[]",
     "calibrate.scales=[0,1]", "dataset.val_size=0", "dataset.seed=-1", "dataset.train_limit=0",
-    "model.theta_init=-1", "eps=-0.3", "run.threads=-1",
+    "model.theta_init=-1", "model.depth=0", "model.width=0", "eps=-0.3", "run.threads=-1",
 ]
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from locallip.nn.blocks import ResidualConv2d
 from locallip.nn.activations import ClippedMaxMin, ClippedReLU, MaxMin, ReLU
 from locallip.nn.models import Normalize
 from locallip.nn.shapes import output_shape
@@ -45,6 +46,9 @@ def _cases():
         if theta[0] % 2 == 0:
             yield ClippedMaxMin(theta), shape
     yield Normalize([0.5, 0.2], [0.3, 0.1]), (2, 3, 3)
+    for shape in ((2, 5, 5), (3, 5, 5), (2,), (2, 1, 1)):
+        yield ResidualConv2d(2, 3), shape
+        yield ResidualConv2d(2, 1), shape
     for shape in ((2, 5, 5), (3, 5, 5), (2,), (2, 4)):
         yield nn.BatchNorm2d(2).eval(), shape
         yield nn.BatchNorm1d(2).eval(), shape

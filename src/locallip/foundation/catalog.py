@@ -30,5 +30,14 @@ ARCHITECTURES: Dict[str, Tuple[List[Tuple[int, int, int, int]], List[int]]] = {
               (256, 3, 1, 1), (256, 4, 2, 1)], [512]),
 }
 
+# Residual architectures (LiResNet, Hu et al. 2023, scaled down): a stem convolution
+# (out = width; kernel, stride, padding), ``depth`` residual blocks y = x + conv(x) of ``width``
+# channels (``kernel`` x ``kernel``, stride 1, same padding), each followed by the activation, a neck
+# convolution (out_channels, kernel, stride, padding), then dense widths before the logits.
+# ``depth`` and ``width`` are the defaults of ``model.depth`` / ``model.width``.
+RESIDUAL_ARCHITECTURES: Dict[str, dict] = {
+    "liresnet": {"stem": (4, 2, 1), "depth": 4, "width": 16, "kernel": 3, "neck": (32, 4, 2, 1), "dense": [100]},
+}
+
 #: Activations ``nn.make_activation`` builds; the clipped ones have learnable thresholds.
 ACTIVATIONS: Tuple[str, ...] = ("relu", "clipped_relu", "maxmin", "clipped_maxmin")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Sequence
 
-from .catalog import ACTIVATIONS, ARCHITECTURES, DATASETS
+from .catalog import ACTIVATIONS, ARCHITECTURES, DATASETS, RESIDUAL_ARCHITECTURES
 
 
 class Choice(str, Enum):
@@ -26,7 +26,7 @@ def _choices(name: str, values: Sequence[str]):
 
 # One list per concept: the registries are the source of the choices.
 DatasetName = _choices("DatasetName", list(DATASETS))
-Arch = _choices("Arch", list(ARCHITECTURES))
+Arch = _choices("Arch", list(ARCHITECTURES) + list(RESIDUAL_ARCHITECTURES))
 Activation = _choices("Activation", list(ACTIVATIONS))
 
 
@@ -36,7 +36,9 @@ Bound = _choices("Bound", ["local", "global"])  # `global` is a Python keyword: 
 class Loss(Choice):
     bcp_mix = "bcp_mix"
     gloro = "gloro"
-    gloro_trades = "gloro_trades"
+    gloro_trades = "gloro_trades"  # TRADES-KL with the ⊥ logit at the label, unclipped
+    trades_kl = "trades_kl"  # the GloRo reference's sparse_trades_kl (⊥ at the prediction, Keras clipping)
+    emma = "emma"  # LiResNet's EMMA
 
 
 class LastLayer(Choice):

@@ -83,6 +83,8 @@ def _normalization(mean: Sequence[float], std: Sequence[float], where: str) -> N
 
 def validate_model(m: ModelConfig) -> None:
     _number(m, "theta_init", "model", 0)
+    for k in ("depth", "width"):
+        _number(m, k, "model", 1, integer=True, optional=True)
 
 
 def validate_train(t: TrainConfig) -> None:

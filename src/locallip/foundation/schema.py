@@ -45,6 +45,10 @@ class ModelConfig:
     arch: Arch = Arch["4c3f"]
     activation: Activation = Activation["clipped_relu"]
     theta_init: float = 1.0  # initial clipping threshold of clipped activations
+    # Residual architectures only (catalog.RESIDUAL_ARCHITECTURES): the number of blocks and their
+    # channels (None: the catalog's).
+    depth: Optional[int] = None
+    width: Optional[int] = None
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
     {"input_shape": [1, 28, 28],
      "layers": [{"type": "conv2d", "in_channels": 1, "out_channels": 16, "kernel_size": 4, "stride": 2, "padding": 1},
+                {"type": "relu"},
+                {"type": "residual_conv2d", "channels": 16, "kernel_size": 3},  # y = x + conv(x)
                 {"type": "relu"}, {"type": "flatten"},
                 {"type": "linear", "in_features": 3136, "out_features": 10}]}
 
@@ -22,14 +24,15 @@ import torch
 from torch import nn
 
 from .activations import ClippedMaxMin, ClippedReLU, MaxMin, ReLU
+from .blocks import ResidualConv2d
 from .models import LipschitzNet, Normalize, pooling_problem
 from .shapes import output_shape
 
 FORMAT = "locallip-sequential-1"
-SUPPORTED = ("conv2d", "linear", "flatten", "normalize", "relu", "clipped_relu", "maxmin", "clipped_maxmin",
-             "batchnorm2d", "batchnorm1d", "avgpool2d")
-_HINT = (f"supported layers: {', '.join(SUPPORTED)} (a plain Sequential: no max pooling or skips; a batchnorm "
-         f"right after a conv2d or linear layer, in eval mode)")
+SUPPORTED = ("conv2d", "residual_conv2d", "linear", "flatten", "normalize", "relu", "clipped_relu", "maxmin",
+             "clipped_maxmin", "batchnorm2d", "batchnorm1d", "avgpool2d")
+_HINT = (f"supported layers: {', '.join(SUPPORTED)} (a plain Sequential: no max pooling, and skips only as "
+         f"residual_conv2d blocks; a batchnorm right after a conv2d or linear layer, in eval mode)")
 
 
 class UnsupportedModel(ValueError):
@@ -70,6 +73,9 @@ def describe(model: nn.Module, input_shape: Sequence[int]) -> dict:
     for i, m in enumerate(model):
         if isinstance(m, nn.Conv2d):
             layers.append(_conv(m))
+        elif isinstance(m, ResidualConv2d):
+            layers.append({"type": "residual_conv2d", "channels": m.channels, "kernel_size": m.kernel_size,
+                           "bias": m.conv.bias is not None})
         elif isinstance(m, nn.Linear):
             layers.append({"type": "linear", "in_features": m.in_features, "out_features": m.out_features,
                            "bias": m.bias is not None})
@@ -152,6 +158,12 @@ def _layer(spec: Any, i: int) -> nn.Module:
         return nn.Conv2d(_int(spec, "in_channels", where), _int(spec, "out_channels", where),
                          _int_pair(spec, "kernel_size", where), stride=_int_pair(spec, "stride", where, default=1),
                          padding=_int_pair(spec, "padding", where, low=0, default=0), bias=_bias(spec, where))
+    if kind == "residual_conv2d":
+        _require(spec, ("channels", "kernel_size"), where)
+        k = _int(spec, "kernel_size", where)
+        if k % 2 != 1:
+            raise UnsupportedModel(f"{where}: kernel_size must be odd (same padding), got {k}")
+        return ResidualConv2d(_int(spec, "channels", where), k, bias=_bias(spec, where))
     if kind == "linear":
         _require(spec, ("in_features", "out_features"), where)
         return nn.Linear(_int(spec, "in_features", where), _int(spec, "out_features", where), bias=_bias(spec, where))

@@ -1,19 +1,23 @@
-"""Architectures: plain ``nn.Sequential`` stacks of Conv2d / Linear / Flatten / activations.
+"""Architectures: plain ``nn.Sequential`` stacks of Conv2d / Linear / Flatten / activations
+(and residual blocks, ``nn.blocks``).
 
 Names follow the Local-Lip and GloRo papers: ``nCmF`` is n convolutions then m
-dense layers (the last dense layer gives the logits). Inputs are images in
+dense layers (the last dense layer gives the logits); ``liresnet`` is LiResNet's layout (a stem
+convolution, residual blocks, a strided neck convolution, dense layers). Inputs are images in
 [0, 1]; an optional ``Normalize`` first module is folded into the first layer by
 the bounds, so a radius always means l2 distance in [0, 1] pixel units.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .activations import LipschitzActivation, make_activation
-from ..foundation.catalog import ARCHITECTURES
+from .blocks import ResidualConv2d
+from ..foundation.catalog import ARCHITECTURES, RESIDUAL_ARCHITECTURES
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel. Treated by the bounds as part of the first layer."""
@@ -95,37 +99,62 @@ def is_affine_module(m: nn.Module) -> bool:
 
 def build_model(arch: str, activation: str = "clipped_relu", input_shape: Sequence[int] = (1, 28, 28),
                 num_classes: int = 10, theta_init: float = 1.0,
-                mean: Sequence[float] = (), std: Sequence[float] = ()) -> LipschitzNet:
-    """Build one of ARCHITECTURES with the given activation."""
+                mean: Sequence[float] = (), std: Sequence[float] = (), *,
+                depth: Optional[int] = None, width: Optional[int] = None) -> LipschitzNet:
+    """Build one of ARCHITECTURES or RESIDUAL_ARCHITECTURES with the given activation (``depth`` and
+    ``width``: a residual architecture's number of blocks and their channels; None: the catalog's)."""
     arch, activation = str(arch), str(activation)  # names (a string-valued enum is accepted too)
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    if arch not in ARCHITECTURES and arch not in RESIDUAL_ARCHITECTURES:
+        known = list(ARCHITECTURES) + list(RESIDUAL_ARCHITECTURES)
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(known)}")
+    if arch in ARCHITECTURES and (depth is not None or width is not None):
+        raise ValueError(f"model.depth and model.width apply to residual architectures "
+                         f"({', '.join(RESIDUAL_ARCHITECTURES)}), not {arch}")
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
-    convs, denses = ARCHITECTURES[arch]
     modules: List[nn.Module] = []
     if len(mean):
         if len(mean) != input_shape[0]:
             raise ValueError(f"normalization has {len(mean)} channels, input has {input_shape[0]}")
         modules.append(Normalize(mean, std))
-    c, h, w = input_shape
+    spec = dict(arch=arch, activation=activation, input_shape=list(input_shape), num_classes=int(num_classes),
+                theta_init=float(theta_init), mean=[float(m) for m in mean], std=[float(s) for s in std])
+    if arch in ARCHITECTURES:
+        convs, denses = ARCHITECTURES[arch]
+        shape = _conv_stack(modules, convs, input_shape, activation, theta_init, arch)
+    else:
+        res = RESIDUAL_ARCHITECTURES[arch]
+        depth, width = int(res["depth"] if depth is None else depth), int(res["width"] if width is None else width)
+        spec.update(depth=depth, width=width)
+        shape = _conv_stack(modules, [(width, *res["stem"])], input_shape, activation, theta_init, arch)
+        for _ in range(depth):
+            # LiResNet scales its blocks' residual branches by depth ** -0.5 (here: at initialisation).
+            modules.append(ResidualConv2d(width, res["kernel"], init_scale=depth ** -0.5))
+            modules.append(make_activation(activation, shape, theta_init))
+        shape = _conv_stack(modules, [res["neck"]], shape, activation, theta_init, arch)
+        denses = res["dense"]
+    modules.append(nn.Flatten())
+    features = math.prod(shape)
+    for w in denses:
+        modules.append(nn.Linear(features, w))
+        modules.append(make_activation(activation, (w,), theta_init))
+        features = w
+    modules.append(nn.Linear(features, num_classes))
+    return LipschitzNet(*modules, input_shape=input_shape, num_classes=num_classes, spec=spec)
+
+
+def _conv_stack(modules: List[nn.Module], convs, shape: Tuple[int, int, int], activation: str, theta_init: float,
+                arch: str) -> Tuple[int, int, int]:
+    """Append each (out_channels, kernel, stride, padding) convolution and its activation; the output shape."""
+    c, h, w = shape
     for out_c, k, s, p in convs:
         modules.append(nn.Conv2d(c, out_c, k, stride=s, padding=p))
         c, h, w = out_c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         if h < 1 or w < 1:
-            raise ValueError(f"input {input_shape} is too small for {arch}")
+            raise ValueError(f"input {tuple(shape)} is too small for {arch}")
         modules.append(make_activation(activation, (c, h, w), theta_init))
-    modules.append(nn.Flatten())
-    features = c * h * w
-    for width in denses:
-        modules.append(nn.Linear(features, width))
-        modules.append(make_activation(activation, (width,), theta_init))
-        features = width
-    modules.append(nn.Linear(features, num_classes))
-    spec = dict(arch=arch, activation=activation, input_shape=list(input_shape), num_classes=int(num_classes),
-                theta_init=float(theta_init), mean=[float(m) for m in mean], std=[float(s) for s in std])
-    return LipschitzNet(*modules, input_shape=input_shape, num_classes=num_classes, spec=spec)
+    return c, h, w
 
 
 def model_from_spec(spec: dict) -> LipschitzNet:
@@ -135,4 +164,5 @@ def model_from_spec(spec: dict) -> LipschitzNet:
     if missing:
         raise ValueError(f"model spec lacks {', '.join(missing)}")
     return build_model(spec["arch"], spec["activation"], spec["input_shape"], spec["num_classes"],
-                       spec.get("theta_init", 1.0), spec.get("mean", ()), spec.get("std", ()))
+                       spec.get("theta_init", 1.0), spec.get("mean", ()), spec.get("std", ()),
+                       depth=spec.get("depth"), width=spec.get("width"))

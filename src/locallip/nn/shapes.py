@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .activations import ClippedMaxMin, ClippedReLU, MaxMin, ReLU
+from .blocks import ResidualConv2d
 from .models import Normalize
 
 Shape = Tuple[int, ...]
@@ -90,6 +91,10 @@ def output_shape(m: nn.Module, shape: Shape) -> Optional[Shape]:
         return _linear(m, shape)
     if type(m) is nn.Flatten and (m.start_dim, m.end_dim) == (1, -1):
         return (math.prod(shape),)
+    if type(m) is ResidualConv2d:  # x + conv(x): the conv keeps the shape, the sum needs it kept
+        if _conv2d(m.conv, shape) != shape:
+            raise ValueError(f"a residual block of {m.channels} channels does not keep the shape {shape}")
+        return shape
     if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
         return _batchnorm(m, shape)
     if type(m) is nn.AvgPool2d and not m.ceil_mode:

@@ -40,7 +40,7 @@ STATE_FORMAT = "locallip-train-state-2"
 def build_for_data(cfg: TrainStage, meta: dict) -> LipschitzNet:
     m = cfg.model
     return build_model(m.arch, m.activation, meta["input_shape"], meta["num_classes"], m.theta_init,
-                       cfg.normalization.mean, cfg.normalization.std)
+                       cfg.normalization.mean, cfg.normalization.std, depth=m.depth, width=m.width)
 
 
 @dataclass

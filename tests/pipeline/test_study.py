@@ -85,6 +85,28 @@ def test_every_committed_declaration_composes():
         assert p.runs and len(p.render.rows) == len(p.declaration.rows), name
 
 
+def test_declarations_match_the_recorded_rows_and_the_docs():
+    """The mnist5k declarations are the runs bench/study.py recorded (same experiment, same overrides), and
+    those rows render (the row job's table code) exactly as docs/study.md prints them."""
+    from locallip.foundation.study import load_study, study_file
+    from locallip.stages.study_table import jsonl_tables
+
+    recorded_file = REPO / "bench" / "results" / "study_runs_current.jsonl"
+    recorded = {r["tag"]: r for r in map(json.loads, recorded_file.read_text().splitlines())}
+    declared_names = [n for n in study_names(REPO / "config") if n.startswith("mnist5k_")]
+    assert "mnist5k_r158_equal_epochs" in declared_names
+    for name in declared_names:
+        decl = load_study(study_file(REPO / "config", name))
+        for row in decl.rows:
+            assert row.tag in recorded, (name, row.tag)
+            assert (row.experiment, [*decl.overrides, *row.overrides]) == (
+                recorded[row.tag]["experiment"], recorded[row.tag]["overrides"]), (name, row.tag)
+            assert [repr(float(r)) for r in decl.radii] == list(recorded[row.tag]["test"]), (name, row.tag)
+    docs = (REPO / "docs" / "study.md").read_text()
+    rendered = [ln for ln in jsonl_tables(recorded_file).splitlines() if ln.startswith("| ") and "| run |" not in ln]
+    assert len(rendered) == len(recorded) and all(ln in docs for ln in rendered)
+
+
 def test_dry_run_lists_exactly_the_study_jobs(declared):
     assert study_jobs_planned(declared) == expected_jobs(declared, ["ll", "gloro"])
 

@@ -136,6 +136,13 @@ def _load_rows(cfg: StudyTableStage, paths: Sequence[Path]) -> Dict[str, dict]:
     return runs
 
 
+def _csv_cell(key: str, value):
+    """Per-layer numbers joined by '/' (as the markdown shows them), overrides, runs and seeds by spaces."""
+    if not isinstance(value, list):
+        return value
+    return ("/" if key == "fixed" else " ").join(map(str, value))
+
+
 def run_study_table(cfg: StudyTableStage, rows: Sequence[Path], out: Path, json_out: Path, csv_out: Path,
                     run: RunConfig = RunConfig()) -> dict:
     """Write the table of ``cfg`` from the row files ``rows``: markdown, JSON and CSV."""
@@ -145,7 +152,7 @@ def run_study_table(cfg: StudyTableStage, rows: Sequence[Path], out: Path, json_
             + markdown(cfg, records) + "\n")
     doc = {"table": cfg.table, "title": cfg.title, "radii": list(cfg.radii), "columns": [str(c) for c in cfg.columns],
            "rows": records}
-    flat = [{k: ("/".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()} for r in records]
+    flat = [{k: _csv_cell(k, v) for k, v in r.items()} for r in records]
     write_json(json_out, doc)
     write_text(csv_out, csv_text(flat))
     write_text(out, text)

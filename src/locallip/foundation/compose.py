@@ -7,6 +7,7 @@ plain values (``plain``), and ``from_plain`` turns such values back into the typ
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -42,21 +43,23 @@ def from_plain(cls: Type[T], data: Any, what: str = "configuration") -> T:
     """Plain values (e.g. a stage's JSON) as a typed ``cls`` object, type- and range-checked."""
     from omegaconf.errors import OmegaConfBaseException
 
+    outer = sys.exc_info()[1]  # what a caller is handling (e.g. Snakemake's input function): no cause of ours
     if not isinstance(data, dict):
         raise ConfigError(f"{what} must be a mapping, got {type(data).__name__}")
     try:
         node = OmegaConf.merge(OmegaConf.structured(cls), data)
         obj = OmegaConf.to_object(node)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid {what}: {explain(e)}") from None
+        raise ConfigError(f"invalid {what}: {explain(e, outer)}") from None
     validate_stage(obj)
     return obj
 
 
-def explain(e: BaseException) -> str:
-    """The error and its causes on one line (Hydra's 'Error merging override' hides why in its cause)."""
+def explain(e: BaseException, outer: Optional[BaseException] = None) -> str:
+    """The error and its causes on one line (Hydra's 'Error merging override' hides why in its cause),
+    down to ``outer``, an exception the caller was already handling (not one of its causes)."""
     parts, seen = [], set()
-    while e is not None and id(e) not in seen:
+    while e is not None and e is not outer and id(e) not in seen:
         seen.add(id(e))
         lines = [ln.strip() for ln in str(e).strip().splitlines()]
         msg = next((ln for ln in lines if ln and not ln.startswith(("full_key", "reference_type", "object_type"))), "")
@@ -107,6 +110,7 @@ def compose(experiment: Optional[str] = None, overrides: Optional[List[str]] = N
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    outer = sys.exc_info()[1]  # see from_plain
     config_dir = Path(config_dir or default_config_dir()).resolve()
     if not (config_dir / "config.yaml").exists():
         raise ConfigError(f"no config.yaml in config directory {config_dir}")
@@ -133,7 +137,7 @@ def compose(experiment: Optional[str] = None, overrides: Optional[List[str]] = N
         node = OmegaConf.merge(OmegaConf.structured(Config), raw_plain)
         cfg = OmegaConf.to_object(node)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"invalid configuration: {explain(e)}") from None
+        raise ConfigError(f"invalid configuration: {explain(e, outer)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"invalid configuration: {yaml_error(e)}") from None
     finally:

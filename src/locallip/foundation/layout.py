@@ -116,3 +116,39 @@ def steps_table(name: str, results: Path = RESULTS) -> Path:
 
 def diagnostics_plot(name: str, results: Path = RESULTS) -> Path:
     return plots_dir(name, results) / "bound_diagnostics.png"
+
+
+def study_dir(table: str, results: Path = RESULTS) -> Path:
+    """A study table's rows and table (config/study/<table>.yaml): results/study/<table>/."""
+    return Path(results) / "study" / table
+
+
+def study_run_dir(table: str, run: str, results: Path = RESULTS) -> Path:
+    return study_dir(table, results) / run
+
+
+def study_run(table: str, run: str, results: Path = RESULTS) -> dict:
+    """One row job's files: the trained and calibrated models, their summaries and the row."""
+    return study_run_files(study_run_dir(table, run, results))
+
+
+def study_run_files(d: Path) -> dict:
+    """The files of a row job writing to directory ``d``."""
+    d = Path(d)
+    return {"row": d / "row.json", "model": d / "model.pt", "metrics": d / "metrics.json",
+            "calibrated": d / "calibrated.pt", "calibration": d / "calibration.json"}
+
+
+def study_state(run_dir: Path) -> Path:
+    """A row's training resume checkpoint (not a declared output: a killed job keeps it)."""
+    return Path(run_dir) / "state" / "last.pt"
+
+
+def study_splits(table: str, key: str, results: Path = RESULTS) -> Path:
+    """The splits a study's rows train on, one file per dataset setting (``key``: its name and digest)."""
+    return study_dir(table, results) / "data" / f"{key}.npz"
+
+
+def study_table(table: str, results: Path = RESULTS) -> dict:
+    d = study_dir(table, results)
+    return {"markdown": d / "table.md", "json": d / "table.json", "csv": d / "table.csv"}

@@ -12,6 +12,8 @@ YAML, optionally ``--cfg-key a.b`` inside it). Paths default to the layout in
     locallip certify experiment=mnist5k_r158 --radius 1.58
     locallip report experiment=mnist5k_r158
     locallip certify-model --model net.safetensors --arch net.json --data test.npz --radius 0.5
+    locallip study-row --study mnist5k_r158_equal_epochs --run r158_gloro
+    locallip study-table --study mnist5k_r158_equal_epochs
 
 Exit status: 0 done, 1 a system error (disk full, read-only file system), 2 bad input (a one-line message), 3 the attack audit broke a
 certificate, 4 training diverged, 130 interrupted.
@@ -261,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     for s in STAGES:
         parser.stage_parsers[s.name] = _add_stage_parser(sub, s)
     _add_certify_model_parser(sub)
+    from .study import add_study_parsers
+
+    add_study_parsers(sub)  # study-row, study-table (config/study/<table>.yaml)
     return parser
 
 

@@ -248,3 +248,13 @@ def audit_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, attack, generat
     return _margin_attack(model, x, y, eps, (attack.steps, attack.restarts, attack.step_size, attack.patience),
                           generator, work_dtype, stats if stats is not None else {})
 
+
+
+def describe_attack(a: dict) -> str:
+    """A summary's ``attack`` record in words (certificates written before the margin attack name no
+    method: they were attacked by PGD)."""
+    common = f"{a['steps']} steps of {a['step_size']:g} r, {a['restarts']} start(s)"
+    if a.get("method", "pgd") == "pgd":
+        return f"l2 PGD, {common}"
+    return (f"l2 margin attack, up to {common} (the margin itself, then the runner-up classes; a start stops "
+            f"once it breaks the point, or after {a.get('patience')} steps without progress at its smallest step)")

@@ -273,7 +273,7 @@ class ExternalModel:
     # unless its architecture starts with a normalize layer already.
     normalization: Normalization = field(default_factory=Normalization)
     certify: CertifySettings = field(default_factory=CertifySettings)
-    # PGD against every certified point: full (certify.attack), quick (10 steps, 1 start; a sanity
+    # The attack on every certified point: full (certify.attack), quick (10 steps, 1 start; a sanity
     # check at a small fraction of the cost) or off (the report then says nothing was attacked).
     audit: Audit = Audit.full
     # The per-point radii (certify/radii.csv); curve.max_radius null: twice the largest of radii.

@@ -111,6 +111,35 @@ def _audit(model, x, y, res, cc) -> Dict[str, object]:
             "seconds": time.perf_counter() - t0}
 
 
+def _compare(s: dict, f: dict) -> dict:
+    """One radius: single level (s) against the cascade (f), point by point."""
+    steps = {name: int(((f["step"] == i) & f["certified"]).sum()) for i, name in
+             enumerate(("global", "box", "exact", "probabilistic", "estimate"))}
+    cert = int(f["certified"].sum())
+    return {
+        "certified_single_level": float(s["certified"].double().mean()),
+        "certified_cascade": float(f["certified"].double().mean()),
+        "agreement": float((s["certified"] == f["certified"]).double().mean()),
+        "cascade_only": int((f["certified"] & ~s["certified"]).sum()),
+        "single_level_only": int((s["certified"] & ~f["certified"]).sum()),
+        "cascade_steps": steps,
+        "deterministic_share": float(f["deterministic"][f["certified"]].double().mean()) if cert else None,
+    }
+
+
+def _targets(speed, rspeed, per_radius, radius_cmp, audit) -> dict:
+    return {
+        "speedup": {"target_min": TARGET_SPEEDUP, "median": speed["median"], "met": speed["median"] >= TARGET_SPEEDUP},
+        "at_least_as_many": {"met": all(v["certified_cascade"] >= v["certified_single_level"]
+                                        for v in per_radius.values())},
+        "agreement": {"target_min": MIN_AGREEMENT, "min": min(v["agreement"] for v in per_radius.values()),
+                      "met": min(v["agreement"] for v in per_radius.values()) >= MIN_AGREEMENT},
+        "audit": {"broken": audit["broken"], "met": audit["broken"] == 0},
+        "radius_speedup": {"target_min": TARGET_RADIUS_SPEEDUP, "median": rspeed["median"],
+                           "met": rspeed["median"] >= TARGET_RADIUS_SPEEDUP},
+        "radii_not_smaller": {"met": radius_cmp["smaller_beyond_tolerance"] == 0}}
+
+
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--model", help="a pipeline checkpoint (e.g. results/mnist5k/calibrate/model.pt)")
@@ -162,21 +191,7 @@ def main(argv=None) -> dict:
           flush=True)
     times = interleaved(variants, rounds=rounds, per_round=1, warmup=0)
     slow, fast = res["single_level"], res["cascade"]
-    per_radius = {}
-    for r in radii:
-        s, f = slow[r], fast[r]
-        steps = {name: int(((f["step"] == i) & f["certified"]).sum()) for i, name in
-                 enumerate(("global", "box", "exact", "probabilistic", "estimate"))}
-        cert = int(f["certified"].sum())
-        per_radius[repr(r)] = {
-            "certified_single_level": float(s["certified"].double().mean()),
-            "certified_cascade": float(f["certified"].double().mean()),
-            "agreement": float((s["certified"] == f["certified"]).double().mean()),
-            "cascade_only": int((f["certified"] & ~s["certified"]).sum()),
-            "single_level_only": int((s["certified"] & ~f["certified"]).sum()),
-            "cascade_steps": steps,
-            "deterministic_share": float(f["deterministic"][f["certified"]].double().mean()) if cert else None,
-        }
+    per_radius = {repr(r): _compare(slow[r], fast[r]) for r in radii}
     r_slow, r_fast = res["radius_single_level"], res["radius_cascade"]
     worse = r_fast < r_slow * (1 - cfg.curve.tol)
     radius_cmp = {"points": n, "smaller_beyond_tolerance": int(worse.sum()),
@@ -192,16 +207,7 @@ def main(argv=None) -> dict:
         "samples_per_s": {k: spread([n_evals / t for t in v]) for k, v in times.items() if "radius" not in k},
         "speedup_cascade": speed, "speedup_radius_cascade": rspeed,
         "per_radius": per_radius, "radii_comparison": radius_cmp, "audit_of_cascade_certificates": audit,
-        "targets": {
-            "speedup": {"target_min": TARGET_SPEEDUP, "median": speed["median"], "met": speed["median"] >= TARGET_SPEEDUP},
-            "at_least_as_many": {"met": all(v["certified_cascade"] >= v["certified_single_level"]
-                                            for v in per_radius.values())},
-            "agreement": {"target_min": MIN_AGREEMENT, "min": min(v["agreement"] for v in per_radius.values()),
-                          "met": min(v["agreement"] for v in per_radius.values()) >= MIN_AGREEMENT},
-            "audit": {"broken": audit["broken"], "met": audit["broken"] == 0},
-            "radius_speedup": {"target_min": TARGET_RADIUS_SPEEDUP, "median": rspeed["median"],
-                               "met": rspeed["median"] >= TARGET_RADIUS_SPEEDUP},
-            "radii_not_smaller": {"met": radius_cmp["smaller_beyond_tolerance"] == 0}},
+        "targets": _targets(speed, rspeed, per_radius, radius_cmp, audit),
     }
     sps = data["samples_per_s"]
     print(f"  single level: {sps['single_level']['median']:.1f} samples/s; cascade: {sps['cascade']['median']:.1f} "

@@ -125,9 +125,10 @@ def margin_attack_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, step
     beyond the classes start at random points of the ball. All restarts of all points run as one
     batch (at most ``MAX_ROWS`` rows at a time), with normalized-gradient steps of ``step_size * eps``.
 
-    Early stop, which only ever saves the passes that could no longer change the answer much:
-    a point stops once a restart found a margin < 0 (its certificate is broken); a restart whose
-    best margin has not dropped by 0.1% for ``patience`` steps halves its step (twice), then stops.
+    Early stop: a point stops once a restart found a margin < 0 (its certificate is broken: nothing
+    more to learn); a restart whose best margin has not dropped by 0.1% for ``patience`` steps halves
+    its step (twice), then stops (a heuristic: a stalled search rarely recovers, measured in
+    bench/README.md against the full-length PGD).
     Every restart of every point otherwise runs ``steps`` steps.
     """
     return _margin_attack(model, x, y, eps, (steps, restarts, step_size, patience), generator, work_dtype, {})
@@ -169,7 +170,8 @@ def _starts(x: Tensor, y: Tensor, logits: Tensor, eps: float, restarts: int,
             targets.append(torch.full_like(y, -1))
             d = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             radius = torch.rand(n, generator=generator, dtype=x.dtype).to(x.device) ** (1.0 / x[0].numel())
-            deltas.append(_unit(d) * (eps * (1 - 8 * torch.finfo(x.dtype).eps) * radius).view(-1, *([1] * (x.dim() - 1))))
+            scale = eps * (1 - 8 * torch.finfo(x.dtype).eps) * radius
+            deltas.append(_unit(d) * scale.view(-1, *([1] * (x.dim() - 1))))
     return torch.cat(deltas), torch.cat(targets)
 
 

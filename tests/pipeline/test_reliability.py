@@ -156,7 +156,8 @@ def test_a_failed_audit_removes_the_old_certificate_and_blocks_the_report(smoke,
     stage = stage_config(cfg, "certify", r)
     args = dict(data=project / paths.splits(SMOKE), model=project / paths.calibrated_model(SMOKE), out=out,
                 table=table, run=QUIET)
-    monkeypatch.setattr(certify_split, "pgd_l2", lambda m, x, y, eps, **kw: torch.full((x.shape[0],), -1.0, dtype=x.dtype))
+    monkeypatch.setattr(certify_split, "audit_l2",
+                        lambda m, x, y, eps, *a, **kw: torch.full((x.shape[0],), -1.0, dtype=x.dtype))
     with pytest.raises(certify_stage.AuditFailure):
         run_certify(stage, **args)
     assert not out.exists() and not table.exists()

@@ -272,10 +272,10 @@ def test_a_broken_certificate_fails_the_stage_loudly(smoke, tmp_path, capsys, mo
     import locallip.certify.split as certify_split
     import locallip.stages.certify as certify_stage
 
-    def always_breaks(model, x, y, eps, **kw):
+    def always_breaks(model, x, y, eps, *args, **kw):
         return torch.full((x.shape[0],), -1.0, dtype=x.dtype)
 
-    monkeypatch.setattr(certify_split, "pgd_l2", always_breaks)
+    monkeypatch.setattr(certify_split, "audit_l2", always_breaks)
     monkeypatch.chdir(REPO)
     out = tmp_path / "c.json"
     rc, err = _run_cli(["certify", "--cfg-json", json.dumps(plain(_certify_cfg(smoke, 0.1))),

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from locallip.nn.activations import make_activation
-from locallip.attack import pgd_l2
+from locallip.attack import margin_attack_l2, pgd_l2
 from locallip.bounds import AffineOp, global_bound, local_bound, network_layers
 from locallip.certify import certify
 from net_helpers import fit_briefly
@@ -128,11 +128,13 @@ def test_certified_points_survive_pgd(kind, act):
     assert n_certified > 0  # not vacuous
 
 
-def test_pgd_finds_counterexamples_on_uncertified_points():
-    """Sanity of the audit itself: at a large radius the attack does break predictions."""
+@pytest.mark.parametrize("attack", [pgd_l2, margin_attack_l2], ids=["pgd", "margin"])
+def test_pgd_finds_counterexamples_on_uncertified_points(attack):
+    """Sanity of the audit itself: at a large radius the attack (the older PGD, and the margin attack
+    the audit runs now) does break predictions."""
     model = trained("dense", "relu")
     x, y = _points()
-    attacked = pgd_l2(model, x, y, 1.5, steps=50, restarts=5, generator=torch.Generator().manual_seed(0))
+    attacked = attack(model, x, y, 1.5, steps=50, restarts=5, generator=torch.Generator().manual_seed(0))
     assert torch.any(attacked <= 0)
     assert not _cert(model, x, y, 1.5).certified[attacked <= 0].any()
 

@@ -58,7 +58,8 @@ def test_bad_values_fail_at_composition_naming_the_problem(override, message):
 BAD = [
     "certify.tol=inf", "certify.tol=1e9", "certify.tol=0", "certify.tol=-1", "certify.max_iter=0",
     "certify.attack.step_size=-1", "certify.attack.step_size=0", "certify.attack.step_size=nan",
-    "certify.attack.steps=0", "certify.attack.restarts=0", "certify.batch_size=0", "certify.delta=0",
+    "certify.attack.steps=0", "certify.attack.restarts=0", "certify.attack.patience=0", "certify.batch_size=0",
+    "certify.delta=0",
     "certify.delta=1", "certify.inflation=0", "certify.steps=0", "certify.seed=-1", "certify.radii=[]",
     "certify.radii=[0.1,0.1]", "certify.radii=[-0.1]", "curve.tol=0", "curve.max_radius=0", "curve.batch_size=0",
     "train.val_every=0", "train.batch_size=0", "train.epochs=0", "train.lr=0", "train.lr=inf",

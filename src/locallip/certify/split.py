@@ -1,7 +1,7 @@
 """Certifying a whole split: batches, their random starts, the attack audit, and per-point rows.
 
 ``certify_split`` (one radius: every configured guarantee level, the global certificate
-beside it, PGD against every certified point) and ``radii_split`` (every point's largest
+beside it, the attack audit of every certified point) and ``radii_split`` (every point's largest
 certified radius) share one batch loop, ``batches``: batch b starts at index ``start`` and
 draws its random starts from a generator seeded by (seed, start). So the result does not
 depend on how batches are shared out: under torchrun each rank certifies its share of
@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..attack import pgd_l2
+from ..attack import audit_l2
 from ..bounds import GUARANTEED, GlobalBound, global_bound
 from ..distributed import Group, choose_device, shard
 from ..foundation.files import csv_text, write_json, write_text
@@ -53,9 +53,9 @@ def write_certificate(out: Path, table: Path, result: dict) -> dict:
             Path(stale).unlink(missing_ok=True)
         write_json(failed, {"summary": s, "broken": [r for r in result["rows"]
                                                     if r["attack_margin"] is not None and r["attack_margin"] <= 0]})
-        raise AuditFailure(f"PGD broke {s['attack']['broken']} of the {s['attack']['checked']} points it attacked "
-                           f"(certified, or misclassified and proven robust) at radius {s['radius']}: a certificate "
-                           f"is wrong. Details: {failed}")
+        raise AuditFailure(f"The attack broke {s['attack']['broken']} of the {s['attack']['checked']} points it "
+                           f"attacked (certified, or misclassified and proven robust) at radius {s['radius']}: a "
+                           f"certificate is wrong. Details: {failed}")
     write_text(table, csv_text(result["rows"]))
     write_json(out, s)
     failed.unlink(missing_ok=True)
@@ -90,7 +90,7 @@ def prepare(model: nn.Module, x: Tensor, cfg) -> Tuple[nn.Module, GlobalBound, t
 def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, progress: bool = True,
                   group: Optional[Group] = None, audit: bool = True) -> dict:
     """Certify a split at ``radius`` with the global bound and the local certificate at every configured
-    level, and audit every certified point by PGD (``audit=False``: attack nothing). Returns
+    level, and audit every certified point by the attack (``audit=False``: attack nothing). Returns
     ``{"summary", "rows"}``; the summary's ``timing`` holds the seconds of certification and audit.
 
     ``cfg.guarantee`` is the headline level; ``cfg.extra_guarantees`` are reported beside it.
@@ -104,7 +104,7 @@ def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, pr
     part = {"rows": [], "timing": {lv: 0.0 for lv in levels}, "infos": {lv: [] for lv in levels},
             "audited": 0, "broken": 0, "broken_levels": {lv: 0 for lv in levels + ["global"]}, "levels": levels,
             "audit_groups": {k: {"checked": 0, "broken": 0} for k in AUDIT_GROUPS},
-            "seconds": {"certification": 0.0, "audit": 0.0}}
+            "seconds": {"certification": 0.0, "audit": 0.0}, "audit_passes": {"passes": 0}}
     t0 = time.perf_counter()
     todo = list(batches(x.shape[0], cfg.batch_size, cfg.seed, group))
     for start, gen in tqdm(todo, desc=f"certify r={radius:g}", disable=None if (progress and group.main) else True,
@@ -129,15 +129,16 @@ def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, pr
     rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: r["index"])
     summary = split_summary(parts, rows, radius, cfg, g, device, dtype, time.perf_counter() - t0)
     summary["attack"].update({k: {f: sum(p["audit_groups"][k][f] for p in parts) for f in ("checked", "broken")}
-                              for k in AUDIT_GROUPS}, performed=bool(audit and radius > 0))
+                              for k in AUDIT_GROUPS}, performed=bool(audit and radius > 0),
+                             passes=sum(p["audit_passes"]["passes"] for p in parts))
     # seconds of the slowest process (the ranks run at once)
     summary["timing"] = {f"{k}_s": max(p["seconds"][k] for p in parts) for k in ("certification", "audit")}
     return {"summary": summary, "rows": rows}
 
 
 def _audit(model, xb, radius: float, glo: Certificate, certs: Dict[str, Certificate], attack, gen, part) -> Tensor:
-    """PGD at ``radius`` against every point robust at any level; tallies what it breaks (radius 0:
-    attacks nothing)."""
+    """The attack (``certify.attack``) at ``radius`` against every point robust at any level, none left
+    out; tallies what it breaks (radius 0: attacks nothing)."""
     check = glo.robust.clone()
     for c in certs.values():
         check |= c.robust
@@ -146,9 +147,8 @@ def _audit(model, xb, radius: float, glo: Certificate, certs: Dict[str, Certific
         return attack_margin
     idx = check.nonzero().squeeze(1)
     with torch.enable_grad():
-        am = pgd_l2(model, xb[idx], glo.prediction[idx], radius, steps=attack.steps, restarts=attack.restarts,
-                    step_size=attack.step_size, generator=gen,
-                    work_dtype=certification_dtype(str(attack.dtype)))
+        am = audit_l2(model, xb[idx], glo.prediction[idx], radius, attack, generator=gen,
+                      work_dtype=certification_dtype(str(attack.dtype)), stats=part["audit_passes"])
     attack_margin[idx] = am
     part["audited"] += int(idx.numel())
     hit = torch.zeros_like(check)

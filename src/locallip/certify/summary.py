@@ -44,7 +44,8 @@ def split_summary(parts: List[dict], rows: List[dict], radius: float, cfg, g, de
         "guarantee": {"local": local_levels[headline]["guarantee"], "global": GUARANTEED},
         "levels": local_levels,
         "global_lipschitz": float(g.lipschitz),
-        "attack": {"steps": cfg.attack.steps, "restarts": cfg.attack.restarts, "step_size": cfg.attack.step_size,
+        "attack": {"method": str(cfg.attack.method), "patience": cfg.attack.patience,
+                   "steps": cfg.attack.steps, "restarts": cfg.attack.restarts, "step_size": cfg.attack.step_size,
                    "checked": audited, "broken": broken, "broken_by_level": broken_levels},
     }
 

@@ -83,6 +83,12 @@ class Audit(Choice):
     off = "off"
 
 
+class AttackMethod(Choice):
+    """The audit's search (``locallip.attack``): the margin attack, or plain PGD (kept for comparison)."""
+    margin = "margin"
+    pgd = "pgd"
+
+
 class Method(Choice):
     lanczos = "lanczos"
     power = "power"

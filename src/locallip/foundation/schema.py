@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from omegaconf import II, MISSING
 
-from .choices import (Activation, Arch, Audit, Bound, Choice, DatasetName, Device, DType, Guarantee,  # noqa: F401
+from .choices import (Activation, Arch, AttackMethod, Audit, Bound, Choice, DatasetName, Device, DType, Guarantee,  # noqa: F401
                       LastLayer, NormSolver, Loss, MaskedNorms, Method, Ramp, Switch)  # (re-exported: the schema's types)
 
 
@@ -102,9 +102,12 @@ class CalibrateConfig:
 
 @dataclass
 class AttackConfig:
-    steps: int = 50
+    # margin: multi-targeted, all restarts batched, early stop (locallip.attack); pgd: the older plain PGD
+    method: AttackMethod = AttackMethod.margin
+    steps: int = 50  # per restart; the margin attack stops a restart earlier once it stalls
     restarts: int = 5
-    step_size: float = 0.1  # fraction of the radius per step
+    step_size: float = 0.1  # fraction of the radius per step (the margin attack's first step)
+    patience: int = 3  # margin attack: steps without a 0.1% drop of the margin before a restart slows or stops
     # The search runs in this dtype (float32: about twice as fast on CPUs); the point it finds is
     # evaluated again in the certification dtype, so a reported break is the model's own margin.
     dtype: DType = DType.float32
@@ -275,7 +278,7 @@ class ExternalModel:
     # unless its architecture starts with a normalize layer already.
     normalization: Normalization = field(default_factory=Normalization)
     certify: CertifySettings = field(default_factory=CertifySettings)
-    # PGD against every certified point: full (certify.attack), quick (10 steps, 1 start; a sanity
+    # The attack on every certified point: full (certify.attack), quick (10 steps, 1 start; a sanity
     # check at a small fraction of the cost) or off (the report then says nothing was attacked).
     audit: Audit = Audit.full
     # The per-point radii (certify/radii.csv); curve.max_radius null: twice the largest of radii.

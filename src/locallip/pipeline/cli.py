@@ -211,7 +211,7 @@ def _add_certify_model_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--std", type=float, action="append")
     p.add_argument("--limit", type=int, help="certify only the first N points")
     p.add_argument("--audit", choices=("full", "quick", "off"),
-                   help="PGD against every certified point: full (default; certify.attack), quick (10 steps, "
+                   help="the attack on every certified point: full (default; certify.attack), quick (10 steps, "
                         "one start) or off (the report says nothing was attacked)")
     p.add_argument("--no-radii", action="store_true", help="skip the per-point radii (certify/radii.csv)")
     p.add_argument("--max-radius", type=_parse_radius,

@@ -8,12 +8,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
+from ..attack import describe_attack
 from ..foundation.schema import CertifySettings, ExternalModel
 from .report.tables import markdown_table, steps_table
 
-#: ``--audit quick``: 10 normalized-gradient steps of 0.25 r from the point itself, one start (the full
-#: audit's defaults are 50 steps of 0.1 r and 5 starts: 25x the gradient evaluations). Every point the
-#: full audit attacks is attacked; only the search is shorter.
+#: ``--audit quick``: at most 10 normalized-gradient steps of 0.25 r from the point itself, one start (the
+#: full audit's defaults: up to 50 steps of 0.1 r and 5 starts). Every point the full audit attacks is
+#: attacked; only the search is shorter.
 QUICK_ATTACK = {"steps": 10, "restarts": 1, "step_size": 0.25}
 
 AUDIT_WORDS = {"full": "full (the configured attack)", "quick": "quick (a short search, `--audit quick`)"}
@@ -156,10 +157,10 @@ def _audit_lines(cfg: ExternalModel, summaries: Sequence[dict]) -> List[str]:
         return ["## Attack audit", "", "Off: no point was attacked.", ""]
     a = summaries[0]["attack"]
     return ["## Attack audit", "",
-            f"Audit {AUDIT_WORDS[str(cfg.audit)]}: l2 PGD, {a['steps']} steps of {a['step_size']:g} r, "
-            f"{a['restarts']} start(s), at each radius against every certified point, and, counted apart, every "
-            f"misclassified point whose wrong prediction is itself proven robust at that radius (a break there "
-            f"would show a wrong bound too, but these are not certified points). A break stops the run.", ""]
+            f"Audit {AUDIT_WORDS[str(cfg.audit)]}: {describe_attack(a)}, at each radius against every certified "
+            f"point, and, counted apart, every misclassified point whose wrong prediction is itself proven robust "
+            f"at that radius (a break there would show a wrong bound too, but these are not certified points). A "
+            f"break stops the run. The audit is an empirical check, not part of the guarantee.", ""]
 
 
 def _radii_lines(radii: Optional[dict]) -> List[str]:

@@ -340,3 +340,21 @@ def test_report_links_the_exported_model_when_the_export_stage_ran(dirs):
         (main / "export" / f).write_text("x")
     text = report(make_cfg(), main, base).read_text()
     assert "[weights](export/model.safetensors)" in text and "[model card](export/model_card.md)" in text
+
+
+def test_the_certify_stages_resolved_linear_relaxation_is_not_a_settings_drift():
+    """The certify stage records auto as what ran (off in the pipeline); the report must not call that a
+    difference from the configuration (a fresh clone's report did), but must still see a real one."""
+    from dataclasses import replace
+
+    from locallip.foundation.compose import compose, plain, with_linear_relaxation
+    from locallip.stages.report.render import settings_drift
+
+    cfg = compose("smoke")
+    assert str(cfg.certify.linear_relaxation) == "auto"
+    recorded = {"certify": {"certify": plain(with_linear_relaxation(cfg.certify, auto_on=False))}}
+    assert settings_drift(cfg, recorded) == ([], [])
+    recorded = {"certify": {"certify": plain(with_linear_relaxation(cfg.certify, auto_on=True))}}
+    assert settings_drift(cfg, recorded)[0] == ["certify.linear_relaxation=on"]
+    explicit = replace(cfg, certify=replace(cfg.certify, linear_relaxation=type(cfg.certify.linear_relaxation)("on")))
+    assert settings_drift(explicit, recorded) == ([], [])

@@ -5,13 +5,13 @@ whole; the library functions also take keyword overrides of its fields.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, is_dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..bounds.settings import LEVELS, NormSettings
-from ..foundation.choices import Switch
+from ..foundation.compose import with_linear_relaxation
 
 #: Default Lanczos steps of the screen (estimates from below; more steps exclude more points).
 SCREEN_STEPS = 8
@@ -67,11 +67,4 @@ def resolve_linear_relaxation(cfg, auto_on: bool):
     (networks trained anywhere: the step certifies points no Lipschitz bound can); the pipeline passes
     False (its models are trained for their Lipschitz bound, and its baselines are certified as their
     papers do)."""
-    if str(getattr(cfg, "linear_relaxation", "off")) != "auto":
-        return cfg
-    value = Switch.on if auto_on else Switch.off
-    if is_dataclass(cfg):
-        return replace(cfg, linear_relaxation=value)
-    resolved = cfg.copy()
-    resolved.linear_relaxation = value
-    return resolved
+    return with_linear_relaxation(cfg, auto_on)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional, Type, TypeVar
@@ -21,6 +21,20 @@ from .schema import (CalibrateConfig, CertifyConfig, Config, ConfigError, CurveC
 
 
 # --------------------------------------------------------------------------- plain values
+
+
+def with_linear_relaxation(certify: Any, auto_on: bool) -> Any:
+    """The certify settings with ``linear_relaxation: auto`` made ``on`` or ``off`` (a copy; an explicit
+    choice is kept). The pipeline's rule is ``auto_on=False``: the certify stage certifies with it and
+    the report compares the recorded settings with it, so one rule decides both."""
+    if str(getattr(certify, "linear_relaxation", "off")) != "auto":
+        return certify
+    value = "on" if auto_on else "off"
+    if is_dataclass(certify):
+        return replace(certify, linear_relaxation=type(certify.linear_relaxation)(value))
+    resolved = certify.copy()
+    resolved.linear_relaxation = value
+    return resolved
 
 
 def plain(obj: Any) -> Any:

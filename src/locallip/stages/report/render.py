@@ -11,7 +11,7 @@ import re
 import shlex
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ...foundation.compose import plain
+from ...foundation.compose import plain, with_linear_relaxation
 from ...foundation.schema import Config
 from .compare import System, equal_time, side_by_side
 from .tables import (calibration_lines, fmt_num, fmt_radius, fmt_seconds, format_headline, headline_header,
@@ -78,7 +78,9 @@ def _current(cfg: Config) -> Dict[str, dict]:
     """The parts of a composed configuration each stage records, as plain values."""
     return {"train": {"model": plain(cfg.model), "train": plain(cfg.train),
                       "normalization": {"mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)}},
-            "calibrate": {"calibrate": plain(cfg.calibrate)}, "certify": {"certify": plain(cfg.certify)}}
+            "calibrate": {"calibrate": plain(cfg.calibrate)},
+            # the certify stage records its settings with auto resolved by the pipeline's rule
+            "certify": {"certify": plain(with_linear_relaxation(cfg.certify, auto_on=False))}}
 
 
 def settings_drift(cfg: Config, recorded: Dict[str, dict]) -> Tuple[List[str], List[str]]:

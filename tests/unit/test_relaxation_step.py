@@ -93,19 +93,20 @@ def test_auto_is_resolved_before_certifying_and_recorded_as_what_ran():
     """certify-model resolves auto to on, the pipeline to off; an explicit choice is kept."""
     from omegaconf import OmegaConf
 
-    from locallip.certify.settings import from_config, resolve_linear_relaxation
+    from locallip.certify.settings import from_config
+    from locallip.foundation.compose import with_linear_relaxation
     from locallip.foundation.schema import CertifySettings
 
     typed = CertifySettings()
     assert str(typed.linear_relaxation) == "auto"
-    assert str(resolve_linear_relaxation(typed, auto_on=True).linear_relaxation) == "on"
-    assert str(resolve_linear_relaxation(typed, auto_on=False).linear_relaxation) == "off"
-    assert from_config(resolve_linear_relaxation(typed, auto_on=True)).linear_relaxation is True
-    assert from_config(resolve_linear_relaxation(typed, auto_on=False)).linear_relaxation is False
+    assert str(with_linear_relaxation(typed, auto_on=True).linear_relaxation) == "on"
+    assert str(with_linear_relaxation(typed, auto_on=False).linear_relaxation) == "off"
+    assert from_config(with_linear_relaxation(typed, auto_on=True)).linear_relaxation is True
+    assert from_config(with_linear_relaxation(typed, auto_on=False)).linear_relaxation is False
     untyped = OmegaConf.structured(CertifySettings(linear_relaxation="off"))
-    assert str(resolve_linear_relaxation(untyped, auto_on=True).linear_relaxation) == "off"
+    assert str(with_linear_relaxation(untyped, auto_on=True).linear_relaxation) == "off"
     chosen = OmegaConf.structured(CertifySettings())
-    assert str(resolve_linear_relaxation(chosen, auto_on=True).linear_relaxation) == "on"
+    assert str(with_linear_relaxation(chosen, auto_on=True).linear_relaxation) == "on"
     assert str(chosen.linear_relaxation) == "auto"  # the caller's configuration is not changed
 
 

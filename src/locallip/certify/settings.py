@@ -11,7 +11,6 @@ from typing import Optional
 import torch
 
 from ..bounds.settings import LEVELS, NormSettings
-from ..foundation.compose import with_linear_relaxation
 
 #: Default Lanczos steps of the screen (estimates from below; more steps exclude more points).
 SCREEN_STEPS = 8
@@ -54,17 +53,9 @@ class CascadeSettings:
 def from_config(cfg, level: Optional[str] = None) -> CascadeSettings:
     """The settings of the local certificate at ``level`` (default: the configured one) from the
     certify configuration (``foundation.schema.CertifySettings``). ``linear_relaxation`` "auto" counts
-    as off here: the stages resolve it first (``resolve_linear_relaxation``)."""
+    as off here: the stages resolve it first (``foundation.compose.with_linear_relaxation``)."""
     return CascadeSettings(level=str(level or cfg.guarantee), cascade=bool(cfg.cascade), masked=bool(cfg.masked_step),
                            screen_steps=cfg.screen_steps, delta=cfg.delta, inflation=cfg.inflation, steps=cfg.steps,
                            max_iter=cfg.max_iter, tol=cfg.tol, last_layer=str(cfg.last_layer), method=str(cfg.method),
                            linear_relaxation=str(getattr(cfg, "linear_relaxation", "off")) == "on")
 
-
-def resolve_linear_relaxation(cfg, auto_on: bool):
-    """The certify configuration with ``linear_relaxation: auto`` made ``on`` or ``off``, so that what
-    ran is what the certificates record. certify-model passes ``relaxation_step.pays_by_default(model)``
-    (networks trained anywhere: the step certifies points no Lipschitz bound can); the pipeline passes
-    False (its models are trained for their Lipschitz bound, and its baselines are certified as their
-    papers do)."""
-    return with_linear_relaxation(cfg, auto_on)

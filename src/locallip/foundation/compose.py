@@ -6,6 +6,7 @@ plain values (``plain``), and ``from_plain`` turns such values back into the typ
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import fields, is_dataclass, replace
@@ -25,8 +26,10 @@ from .schema import (CalibrateConfig, CertifyConfig, Config, ConfigError, CurveC
 
 def with_linear_relaxation(certify: Any, auto_on: bool) -> Any:
     """The certify settings with ``linear_relaxation: auto`` made ``on`` or ``off`` (a copy; an explicit
-    choice is kept). The pipeline's rule is ``auto_on=False``: the certify stage certifies with it and
-    the report compares the recorded settings with it, so one rule decides both."""
+    choice is kept), so that what ran is what the certificates record. The pipeline's rule is
+    ``auto_on=False`` (its models are trained for their Lipschitz bound, and its baselines are certified
+    as their papers do): the certify stage certifies with it and the report compares the recorded
+    settings with it. certify-model passes ``certify.relaxation_step.pays_by_default(model)``."""
     if str(getattr(certify, "linear_relaxation", "off")) != "auto":
         return certify
     value = "on" if auto_on else "off"
@@ -51,6 +54,14 @@ def plain(obj: Any) -> Any:
 
 
 T = TypeVar("T")
+
+
+def settings_json(text: str) -> Any:
+    """The value of a ``--cfg-json`` argument (settings passed inline, as the workflow's rules do)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--cfg-json is not valid JSON: {e}") from None
 
 
 def from_plain(cls: Type[T], data: Any, what: str = "configuration") -> T:

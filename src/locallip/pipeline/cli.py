@@ -28,7 +28,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ..foundation.compose import compose, experiment_names, from_plain, plain
+from ..foundation.compose import compose, experiment_names, from_plain, plain, settings_json
 from ..foundation.radius import check_radius
 from ..foundation.schema import ConfigError, RunConfig
 from . import dag
@@ -92,13 +92,7 @@ def resolve(args, s: Stage):
     if args.cfg_json or args.cfg_file:
         if args.overrides:
             raise ConfigError("overrides cannot be combined with --cfg-json/--cfg-file")
-        if args.cfg_json:
-            try:
-                data = json.loads(args.cfg_json)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"--cfg-json is not valid JSON: {e}") from None
-        else:
-            data = _load_cfg_file(args.cfg_file, args.cfg_key)
+        data = settings_json(args.cfg_json) if args.cfg_json else _load_cfg_file(args.cfg_file, args.cfg_key)
         if not isinstance(data, dict):
             raise ConfigError("stage configuration must be a mapping")
         if s.per_radius:

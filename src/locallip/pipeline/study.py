@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..foundation import layout
-from ..foundation.compose import compose, default_config_dir, from_plain, plain
+from ..foundation.compose import compose, default_config_dir, from_plain, plain, settings_json
 from ..foundation.schema import ConfigError, DownloadStage, RunConfig
 from ..foundation.study import (StudyDeclaration, StudyRunStage, StudyTableRow, StudyTableStage, load_study,
                                 runs_of, study_file, study_names)
@@ -127,11 +127,7 @@ def _settings(args, cls, pick):
     if args.cfg_json and args.study:
         raise ConfigError("give either --cfg-json or --study, not both")
     if args.cfg_json:
-        try:
-            data = json.loads(args.cfg_json)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--cfg-json is not valid JSON: {e}") from None
-        return from_plain(cls, data, f"{cls.__name__} settings"), None
+        return from_plain(cls, settings_json(args.cfg_json), f"{cls.__name__} settings"), None
     if not args.study:
         raise ConfigError("give --study TABLE (config/study/TABLE.yaml) or --cfg-json")
     p = plan(args.study)

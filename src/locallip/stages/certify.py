@@ -12,11 +12,10 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-from ..certify.settings import resolve_linear_relaxation
 from ..certify.split import AuditFailure, certify_split, write_certificate  # noqa: F401 (AuditFailure: re-exported)
 from ..data.splits import load_splits, to_tensors
 from ..nn.checkpoint import load_model
-from ..foundation.compose import plain
+from ..foundation.compose import plain, with_linear_relaxation
 from ..foundation.schema import CertifyStage, RunConfig
 from ..foundation.provenance import code_version
 from ..foundation.files import file_digest, stage_lock
@@ -45,7 +44,7 @@ def _certify(cfg: CertifyStage, data: Path, model: Path, out: Path, table: Path,
     x, y = to_tensors(splits.test_x, splits.test_y)
     if tuple(x.shape[1:]) != tuple(net.input_shape):
         raise ValueError(f"test images of shape {tuple(x.shape[1:])} do not fit the model input {net.input_shape}")
-    cfg = replace(cfg, certify=resolve_linear_relaxation(cfg.certify, auto_on=False))
+    cfg = replace(cfg, certify=with_linear_relaxation(cfg.certify, auto_on=False))
     result = certify_split(net, x, y, radius, cfg.certify, progress=run.progress, group=group)
     if not group.main:
         return result["summary"]

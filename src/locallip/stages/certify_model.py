@@ -24,10 +24,9 @@ import torch
 
 from ..bounds import network_layers
 from ..certify.relaxation_step import pays_by_default
-from ..certify.settings import resolve_linear_relaxation
 from ..certify.split import AuditFailure, certify_split, radii_split, write_certificate
 from ..data.splits import DataError, load_splits, read_npz
-from ..foundation.compose import plain
+from ..foundation.compose import plain, with_linear_relaxation
 from ..foundation.files import check_replaceable, csv_text, file_digest, replaced_directory, write_json, write_text
 from ..foundation.provenance import code_version
 from ..foundation.ranges import radius_tag
@@ -157,7 +156,7 @@ def run_certify_model(cfg: ExternalModel, out: Path, run: RunConfig = RunConfig(
     out = Path(out)
     check_replaceable(out, "certify-model", OUTPUTS)  # before any work: never over a pipeline experiment
     net, description = load_network(cfg)
-    cfg = replace(cfg, certify=resolve_linear_relaxation(cfg.certify, auto_on=pays_by_default(net)))
+    cfg = replace(cfg, certify=with_linear_relaxation(cfg.certify, auto_on=pays_by_default(net)))
     x, y, what = load_points(cfg, net)
     if run.threads > 0:
         torch.set_num_threads(run.threads)

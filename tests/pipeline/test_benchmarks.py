@@ -24,7 +24,12 @@ def test_gpu_benchmark_quick_runs_on_cpu(tmp_path):
     for s in data["train_step"]:
         assert s["local_over_plain"]["median"] > 1 and s["local_over_gloro"]["median"] > 1
     assert set(data["certification"]["samples_per_s"]) == {"probabilistic", "estimate", "reference"}
-    assert data["cifar10_epochs"]["epochs"] == 1 and data["cifar10_epochs"]["arch"] == "6c2f"
+    assert [s["arch"] for s in data["train_step"]] == ["4c3f", "6c2f", "liresnet"]
+    recipes = {r["experiment"]: r for r in data["cifar10_recipes"]}
+    assert set(recipes) == {"cifar10", "cifar10_gloro", "cifar10_liresnet"}
+    for r in recipes.values():  # one epoch, the recipe's epochs, and both stages timed on the test points
+        assert r["epochs"] == 1 and r["recipe_epochs"] >= 100 and r["recipe_hours"] > 0
+        assert r["certify_s"] > 0 and r["radii_s"] > 0 and r["certify_10k_s"] > r["certify_s"]
 
 
 def test_certification_throughput_quick_runs_and_summarizes(tmp_path, tmp_path_factory):

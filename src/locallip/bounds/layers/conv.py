@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...nn.models import Normalize
+from ..rounding import fft_symbol_allowance, scaling_allowance, svd_allowance
 from .weighted import WeightedLayer
 
 Tensor = torch.Tensor
@@ -77,15 +78,32 @@ class ConvLayer(WeightedLayer):
         k = polyphase_kernel(self._folded_kernel(), self.layer.stride, self.layer.padding)
         size = (-(-h // sh) + k.shape[2] + 1, -(-wd // sw) + k.shape[3] + 1)
         spectrum = torch.fft.fft2(k, s=size)  # [co, ci*s*s, N, M]
-        return torch.linalg.matrix_norm(spectrum.permute(2, 3, 0, 1), ord=2).max()
+        raw = torch.linalg.matrix_norm(spectrum.permute(2, 3, 0, 1), ord=2).max()
+        return raw + self.fft_rounding(k, size, float(raw))
+
+    def fft_rounding(self, k: Tensor, size, raw: float) -> float:
+        """What float64 rounding can take off the FFT bound (``bounds.rounding``): the symbol's FFT
+        error, the SVD of each frequency's matrix, and the folded std's division."""
+        sym = fft_symbol_allowance(k, size)
+        folded = self.folding_rounding()
+        return sym + folded + svd_allowance(raw + sym + folded, k.shape[0], k.shape[1])
+
+    def folding_rounding(self) -> float:
+        """A bound of the norm of what dividing the kernel by the folded std rounds away (one rounding per
+        tap, relative u): a convolution's norm is at most the 2-norm of its per-channel absolute tap sums."""
+        if self.norm is None:
+            return 0.0
+        return scaling_allowance(self._folded_kernel().abs().sum(dim=(2, 3)))
 
     def guaranteed_norm(self) -> Tensor:
         """The FFT bound, or the Cholesky proof on the explicit operator where it fits and is smaller."""
         from ..exact import proven_layer_norm
 
         fft = self.fft_norm_bound()
-        proof = proven_layer_norm(self)
-        return fft if proof is None else torch.minimum(fft, torch.tensor(proof, dtype=fft.dtype))
+        proof = proven_layer_norm(self)  # proven on the folded (rounded) kernel's explicit matrix
+        if proof is None:
+            return fft
+        return torch.minimum(fft, torch.tensor(proof + self.folding_rounding(), dtype=fft.dtype))
 
     def explicit_matrix(self) -> Tensor:
         """[n_out, n_in] float64 CPU matrix, every entry a kernel weight placed by index arithmetic."""

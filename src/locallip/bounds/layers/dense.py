@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...nn.models import Normalize
+from ..rounding import scaling_allowance, svd_allowance
 from .base import check_input_shape
 from .weighted import WeightedLayer
 
@@ -43,9 +44,13 @@ class DenseLayer(WeightedLayer):
         return w
 
     def guaranteed_norm(self) -> Tensor:
-        """The exact SVD of the (folded) weight, float64 (backward-stable: ~1e-13 relative)."""
+        """The SVD of the (folded) weight in float64, plus what rounding can take off it
+        (``bounds.rounding``: the SVD's backward error and the folded std's one rounding per entry)."""
         w = self.weight.detach().double()
+        folded = 0.0
         if self.norm is not None:  # Normalize before Linear: scale every flattened input by 1/std of its channel
             scale = (1.0 / self.norm.std.double()).expand(self.in_shape).reshape(1, -1)
             w = w * scale
-        return torch.linalg.matrix_norm(w, ord=2)
+            folded = scaling_allowance(w, roundings=2)  # 1 / std, then the product
+        sigma = torch.linalg.matrix_norm(w, ord=2)
+        return sigma + (folded + svd_allowance(float(sigma) + folded, *w.shape))

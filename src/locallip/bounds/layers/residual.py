@@ -10,18 +10,16 @@ the clean pass.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from ...nn.blocks import ResidualConv2d
+from ..rounding import UNIT_ROUNDOFF
 from .conv import ConvLayer
 
 Tensor = torch.Tensor
 
-_U = float(np.finfo(np.float64).eps) / 2  # unit roundoff of float64
 
 
 def identity_kernel(like: Tensor) -> Tensor:
@@ -64,26 +62,12 @@ class ResidualConvLayer(ConvLayer):
         most u |1 + k_cc|), and those errors sit on the diagonal of M."""
         k = self._folded_kernel()
         kh, kw = k.shape[2:]
-        return _U * float(torch.diagonal(k[:, :, kh // 2, kw // 2]).abs().max())
+        return UNIT_ROUNDOFF * float(torch.diagonal(k[:, :, kh // 2, kw // 2]).abs().max())
 
     def fft_norm_bound(self) -> Tensor:
-        """``ConvLayer``'s circulant-embedding bound on K + E, plus what rounding can take off it.
-
-        The symbol's entries are computed by an FFT of taps whose absolute sum is A_ab, so each is off
-        by at most gamma_m A_ab (m: the FFT's levels plus the taps, generously), and the matrix of
-        those errors by at most gamma_m ||A||_F; the SVD is backward stable (a few u ||S|| per
-        dimension). Then the float64 rounding of 1 + k_cc (``_centre_rounding``).
-        """
-        raw = super().fft_norm_bound()
-        k = self._folded_kernel()
-        co, ci, kh, kw = k.shape
-        _, h, w = self.in_shape
-        m = 2 * (math.ceil(math.log2((h + kh + 1) * (w + kw + 1))) + kh * kw) + 8
-        gamma = m * _U / (1 - m * _U)
-        tap_sums = k.abs().sum(dim=(2, 3))
-        fft_err = gamma * float(tap_sums.norm())
-        svd_err = 8 * _U * max(co, ci) * (float(raw) + fft_err)
-        return raw + (fft_err + svd_err + self._centre_rounding())
+        """``ConvLayer``'s circulant-embedding bound on K + E (with its FFT and SVD rounding allowance),
+        plus the float64 rounding of the centre taps 1 + k_cc (``_centre_rounding``)."""
+        return super().fft_norm_bound() + self._centre_rounding()
 
     def guaranteed_norm(self) -> Tensor:
         """The smaller of the FFT bound and the Cholesky proof on the explicit matrix, each plus the rounding of
@@ -94,4 +78,5 @@ class ResidualConvLayer(ConvLayer):
         proof = proven_layer_norm(self)
         if proof is None:
             return fft
-        return torch.minimum(fft, torch.tensor(proof + self._centre_rounding(), dtype=fft.dtype))
+        return torch.minimum(fft, torch.tensor(proof + self._centre_rounding() + self.folding_rounding(),
+                                               dtype=fft.dtype))

@@ -2,7 +2,7 @@
 
 One step = forward + loss + backward + Adam step (+ the threshold clamp ``run_train`` does),
 with ``locallip.training.robust_loss`` and the training configuration of the matching
-experiment (``mnist`` for 4C3F on 1x28x28, ``cifar10`` for 6C2F on 3x32x32), batch 128,
+experiment (``mnist`` for 4C3F on 1x28x28, ``cifar10`` for 6C2F and 8C2F on 3x32x32), batch 128 (--batch),
 random data, after the eps ramp (eps = eps_train, kappa = kappa_end = 0).
 
 Variants, interleaved round by round (see ``bench/_common.py``):
@@ -278,31 +278,31 @@ RATIOS = [("local_over_plain", "local", "plain"), ("local_over_gloro", "local", 
 
 
 def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int,
-                variants: List[str] | None = None, breakdown_of: str = "local") -> dict:
+                variants: List[str] | None = None, breakdown_of: str = "local", batch: int = BATCH) -> dict:
     """Interleaved step times, operator work and (``profile_steps`` > 0) the breakdown of one variant.
     ``variants``: the variants to run (plain and gloro always run); None: all of them."""
     from locallip.nn.models import build_model
 
     cfg = _setting_cfg(setting["experiment"])
-    tc = replace(cfg.train, batch_size=BATCH)
+    tc = replace(cfg.train, batch_size=batch)
     eps, kappa = float(tc.eps_train), float(tc.kappa_end)
     torch.manual_seed(0)
     ds = cfg.dataset
     base = build_model(setting["arch"], cfg.model.activation, setting["input_shape"], 10,
                        cfg.model.theta_init, ds.mean, ds.std)
     gen = torch.Generator().manual_seed(1)
-    x_pool = [torch.rand((BATCH, *setting["input_shape"]), generator=gen) for _ in range(4)]
-    y_pool = [torch.randint(0, 10, (BATCH,), generator=gen) for _ in range(4)]
+    x_pool = [torch.rand((batch, *setting["input_shape"]), generator=gen) for _ in range(4)]
+    y_pool = [torch.randint(0, 10, (batch,), generator=gen) for _ in range(4)]
     cfgs = {n: c for n, c in variant_configs(tc).items() if not variants or n in ("plain", "gloro", *variants)}
     phases = {n: {"forward+loss": [], "backward": [], "optimizer": []} for n in cfgs}
     steps = {n: make_step(copy.deepcopy(base), c, x_pool, y_pool, eps, kappa, phases[n]) for n, c in cfgs.items()}
     print(f"[train_step] {setting['name']}: {rounds} rounds x {per_round} steps per variant "
-          f"(eps {eps:.4g}, batch {BATCH}, threads {torch.get_num_threads()})", flush=True)
+          f"(eps {eps:.4g}, batch {batch}, threads {torch.get_num_threads()})", flush=True)
     times = interleaved(steps, rounds=rounds, per_round=per_round, warmup=2)
     out = {
         "setting": setting["name"], "arch": setting["arch"], "input_shape": list(setting["input_shape"]),
-        "batch_size": BATCH, "eps": eps, "kappa": kappa, "activation": str(cfg.model.activation),
-        "train_config_from": f"experiment {setting['experiment']} (batch_size={BATCH}); "
+        "batch_size": batch, "eps": eps, "kappa": kappa, "activation": str(cfg.model.activation),
+        "train_config_from": f"experiment {setting['experiment']} (batch_size={batch}); "
                              f"variants override bound/loss/last_layer",
         "solver": str(tc.solver), "solver_steps": tc.solver_steps, "power_iters": tc.power_iters,
         "sparsity_weight": tc.sparsity_weight, "variants": list(cfgs),
@@ -339,6 +339,7 @@ def main(argv=None) -> dict:
                                                   "(default: all); e.g. local_adaptive,bcp")
     p.add_argument("--profile-steps", type=int, default=None, help="steps of the breakdown (0: none; default 6)")
     p.add_argument("--breakdown", default="local", help="the variant whose breakdown is profiled (default local)")
+    p.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
     args = p.parse_args(argv)
     set_threads(args.threads)
     names = [s["name"] for s in SETTINGS]
@@ -356,7 +357,8 @@ def main(argv=None) -> dict:
     info = machine_info()
     t0 = time.perf_counter()
     chosen = [s for s in SETTINGS if not args.only or s["name"] in args.only]
-    results = [run_setting(s, rounds, per_round, profile_steps, variants, args.breakdown) for s in chosen]
+    results = [run_setting(s, rounds, per_round, profile_steps, variants, args.breakdown, args.batch)
+               for s in chosen]
     data = {"quick": args.quick, "machine": info, "targets": TARGETS, "settings": results,
             "method": "variants interleaved in a shuffled order each round; per-round mean step time; "
                       "ratios are per round (same load), reported as median and quartiles over rounds",

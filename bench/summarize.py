@@ -38,6 +38,29 @@ def _machine(d: dict, threads: bool = True) -> str:
             f"commit {commit}")
 
 
+def _operator_work(d) -> list:
+    """The operator-work paragraphs: the estimate against a plain step, the count against GloRo's."""
+    if not all("operator_macs" in s for s in d["settings"]):
+        return []
+    lines = []
+    lines.append("Operator work of a step (multiply-adds of every conv / conv-transpose / linear call in the "
+                 "forward, plus 2x those autograd records for the backward, all of which the GloRo and "
+                 "ball_box losses reach), relative to a plain step: " + "; ".join(
+                     f"{s['arch'].upper()} " + ", ".join(f"{v} {s['operator_macs'][v]['step_over_plain']:.2f}x"
+                                                        for v in ("gloro", "local"))
+                     for s in d["settings"]) + ". The local step's operator work alone is at least "
+                 f"{min(s['operator_macs']['local']['step_over_plain'] for s in d['settings']):.1f}x a plain "
+                 "step's, which is the floor for its time whatever the implementation.")
+    counted = [s for s in d["settings"] if "counted_over_gloro" in s["operator_macs"].get("gloro", {})]
+    if counted:  # forward + backward as executed (FlopCounterMode), every variant against GloRo
+        lines.append("Counted operator work (forward + backward as executed) relative to the GloRo step: " + "; ".join(
+            f"{s['arch'].upper()} " + ", ".join(f"{v} {m['counted_over_gloro']:.2f}x"
+                                               for v, m in s["operator_macs"].items() if v != "gloro")
+            for s in counted) + ".")
+    lines.append("")
+    return lines
+
+
 def train_step(d) -> list:
     lines = ["### Training step (`python -m bench.train_step`)", "",
              f"_{_machine(d)}; ratios: median (quartiles) over {d['settings'][0]['ratios']['local_over_plain']['n']} "
@@ -75,16 +98,7 @@ def train_step(d) -> list:
                          f"{_r(r['local_ball_nosparsity_over_gloro'])} x GloRo; "
                          f"full local step / that = {_r(r['local_over_local_ball_nosparsity'])}.")
             lines.append("")
-    if all("operator_macs" in s for s in d["settings"]):
-        lines.append("Operator work of a step (multiply-adds of every conv / conv-transpose / linear call in the "
-                     "forward, plus 2x those autograd records for the backward, all of which the GloRo and "
-                     "ball_box losses reach), relative to a plain step: " + "; ".join(
-                         f"{s['arch'].upper()} " + ", ".join(f"{v} {s['operator_macs'][v]['step_over_plain']:.2f}x"
-                                                            for v in ("gloro", "local"))
-                         for s in d["settings"]) + ". The local step's operator work alone is at least "
-                     f"{min(s['operator_macs']['local']['step_over_plain'] for s in d['settings']):.1f}x a plain "
-                     "step's, which is the floor for its time whatever the implementation.")
-        lines.append("")
+    lines += _operator_work(d)
     lines.append("Targets (median): " + "; ".join(
         f"{s['arch'].upper()} local/plain {s['targets']['local_over_plain']['median']:.2f} <= "
         f"{s['targets']['local_over_plain']['target_max']} {_met(s['targets']['local_over_plain']['met'])}, "

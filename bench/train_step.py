@@ -2,7 +2,7 @@
 
 One step = forward + loss + backward + Adam step (+ the threshold clamp ``run_train`` does),
 with ``locallip.training.robust_loss`` and the training configuration of the matching
-experiment (``mnist`` for 4C3F on 1x28x28, ``cifar10`` for 6C2F on 3x32x32), batch 128,
+experiment (``mnist`` for 4C3F on 1x28x28, ``cifar10`` for 6C2F and 8C2F on 3x32x32), batch 128 (--batch),
 random data, after the eps ramp (eps = eps_train, kappa = kappa_end = 0).
 
 Variants, interleaved round by round (see ``bench/_common.py``):
@@ -22,7 +22,11 @@ Variants, interleaved round by round (see ``bench/_common.py``):
 Then a breakdown of the local step: wall time per region (instrumented wrappers around
 the library functions robust_loss calls) and a torch.profiler table of the top operators.
 
-    python -m bench.train_step [--quick] [--threads N]
+Operator work: multiply-adds of each variant's whole step (forward + backward, counted), relative to
+the plain and the GloRo step: the floor of each time ratio (``operator_macs``).
+
+    python -m bench.train_step [--quick] [--threads N] [--only SETTING] [--variants local_adaptive,bcp]
+                               [--rounds N] [--per-round N] [--profile-steps N] [--breakdown VARIANT]
 """
 from __future__ import annotations
 
@@ -166,15 +170,19 @@ def breakdown(model, cfg_train, x_pool, y_pool, eps: float, steps: int) -> dict:
 
 
 def operator_macs(model, cfg_train, x, y, eps: float, kappa: float) -> dict:
-    """Multiply-adds of the layer operators in one step's forward (+ loss), counted per call.
+    """Multiply-adds of one step: the layer operators' forward calls, and the whole step as counted.
 
-    Counts every ``F.conv2d`` / ``F.conv_transpose2d`` / ``F.linear`` call (batch included),
-    split into calls autograd records (their backward costs ~2x again: input and weight
-    gradients) and calls under no_grad (the power iterations). Dense-layer transposes go
-    through ``matmul`` and are not counted, so the local figures are slight under-counts.
-    ``step_macs`` = forward + 2 x recorded forward: the operator work of a whole step.
+    Estimate (``step_macs``, the earlier instrument): every ``F.conv2d`` / ``F.conv_transpose2d`` /
+    ``F.linear`` call of the forward (+ loss), batch included, split into calls autograd records
+    (their backward is taken as ~2x again: input and weight gradients) and calls under no_grad (the
+    power iterations); ``step_macs`` = no_grad + 3 x recorded.
+    Count (``counted_macs``): torch's FlopCounterMode over forward *and* backward, every convolution,
+    convolution backward and matrix product (mm, addmm, bmm) as executed, so a backward that needs
+    no input gradient (a mask's row norms, the first layer) or that autograd never reaches is not
+    charged; ``counted_forward_macs`` is its forward part. The floor of a step's time is its count.
     """
     import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
 
     from locallip.training import robust_loss
 
@@ -193,37 +201,47 @@ def operator_macs(model, cfg_train, x, y, eps: float, kappa: float) -> dict:
             return out
         return call
 
+    stats: dict = {}
+    flops = FlopCounterMode(display=False)
     for name in originals:
         setattr(F, name, counted(name))
     try:
-        if cfg_train is None:
-            loss = F.cross_entropy(model(x), y)
-        else:
-            loss, _ = robust_loss(model, x, y, eps, kappa, cfg_train)
+        with flops:
+            if cfg_train is None:
+                loss = F.cross_entropy(model(x), y)
+            else:
+                loss, stats = robust_loss(model, x, y, eps, kappa, cfg_train)
+            forward_flops = flops.get_total_flops()
+            loss.backward()
     finally:
         for name, fn in originals.items():
             setattr(F, name, fn)
     del loss
     counts["step_macs"] = counts["recorded"] * 3 + counts["no_grad"]
+    counts["counted_macs"] = flops.get_total_flops() // 2  # FlopCounterMode counts 2 flops per multiply-add
+    counts["counted_forward_macs"] = forward_flops // 2
+    if "masked_per_layer" in stats:  # share of the batch the masked solver ran for, per hidden layer
+        counts["masked_per_layer"] = [float(v) for v in stats["masked_per_layer"]]
     return counts
+
+
+def floor_of(macs: Dict[str, dict]) -> Dict[str, dict]:
+    """Every variant's operator work relative to the plain and the GloRo step (both instruments)."""
+    out = {}
+    for n, m in macs.items():
+        out[n] = dict(m, step_over_plain=m["step_macs"] / macs["plain"]["step_macs"],
+                      counted_over_plain=m["counted_macs"] / macs["plain"]["counted_macs"])
+        if "gloro" in macs:
+            out[n]["step_over_gloro"] = m["step_macs"] / macs["gloro"]["step_macs"]
+            out[n]["counted_over_gloro"] = m["counted_macs"] / macs["gloro"]["counted_macs"]
+    return out
 
 
 # --------------------------------------------------------------------------- main
 
 
-def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) -> dict:
-    from locallip.nn.models import build_model
-
-    cfg = _setting_cfg(setting["experiment"])
-    tc = replace(cfg.train, batch_size=BATCH)
-    eps, kappa = float(tc.eps_train), float(tc.kappa_end)
-    torch.manual_seed(0)
-    ds = cfg.dataset
-    base = build_model(setting["arch"], cfg.model.activation, setting["input_shape"], 10,
-                       cfg.model.theta_init, ds.mean, ds.std)
-    gen = torch.Generator().manual_seed(1)
-    x_pool = [torch.rand((BATCH, *setting["input_shape"]), generator=gen) for _ in range(4)]
-    y_pool = [torch.randint(0, 10, (BATCH,), generator=gen) for _ in range(4)]
+def variant_configs(tc) -> Dict[str, object]:
+    """The step variants of one setting (None: plain cross-entropy)."""
     cfgs = {
         "plain": None,
         "gloro": replace(tc, bound="global", loss="gloro"),
@@ -242,52 +260,71 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
         # the backward pass run through the whole interval chain; this variant shows what that costs.
         cfgs["local_ball_nosparsity"] = replace(tc, bound="local", loss="bcp_mix", last_layer="ball",
                                                 masked_norms="always", sparsity_weight=0.0)
+    return cfgs
+
+
+#: (name, numerator, denominator) of the ratios reported where both variants ran.
+RATIOS = [("local_over_plain", "local", "plain"), ("local_over_gloro", "local", "gloro"),
+          ("local_ball_over_plain", "local_ball", "plain"), ("local_ball_over_gloro", "local_ball", "gloro"),
+          ("local_over_local_ball", "local", "local_ball"),
+          ("local_adaptive_over_gloro", "local_adaptive", "gloro"),
+          ("local_adaptive_over_plain", "local_adaptive", "plain"),
+          ("local_over_local_adaptive", "local", "local_adaptive"), ("bcp_over_gloro", "bcp", "gloro"),
+          ("gloro_over_plain", "gloro", "plain"), ("local_over_local_power2", "local", "local_power2"),
+          ("local_power2_over_plain", "local_power2", "plain"),
+          ("local_ball_nosparsity_over_plain", "local_ball_nosparsity", "plain"),
+          ("local_ball_nosparsity_over_gloro", "local_ball_nosparsity", "gloro"),
+          ("local_over_local_ball_nosparsity", "local", "local_ball_nosparsity")]
+
+
+def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int,
+                variants: List[str] | None = None, breakdown_of: str = "local", batch: int = BATCH) -> dict:
+    """Interleaved step times, operator work and (``profile_steps`` > 0) the breakdown of one variant.
+    ``variants``: the variants to run (plain and gloro always run); None: all of them."""
+    from locallip.nn.models import build_model
+
+    cfg = _setting_cfg(setting["experiment"])
+    tc = replace(cfg.train, batch_size=batch)
+    eps, kappa = float(tc.eps_train), float(tc.kappa_end)
+    torch.manual_seed(0)
+    ds = cfg.dataset
+    base = build_model(setting["arch"], cfg.model.activation, setting["input_shape"], 10,
+                       cfg.model.theta_init, ds.mean, ds.std)
+    gen = torch.Generator().manual_seed(1)
+    x_pool = [torch.rand((batch, *setting["input_shape"]), generator=gen) for _ in range(4)]
+    y_pool = [torch.randint(0, 10, (batch,), generator=gen) for _ in range(4)]
+    cfgs = {n: c for n, c in variant_configs(tc).items() if not variants or n in ("plain", "gloro", *variants)}
     phases = {n: {"forward+loss": [], "backward": [], "optimizer": []} for n in cfgs}
     steps = {n: make_step(copy.deepcopy(base), c, x_pool, y_pool, eps, kappa, phases[n]) for n, c in cfgs.items()}
     print(f"[train_step] {setting['name']}: {rounds} rounds x {per_round} steps per variant "
-          f"(eps {eps:.4g}, batch {BATCH}, threads {torch.get_num_threads()})", flush=True)
+          f"(eps {eps:.4g}, batch {batch}, threads {torch.get_num_threads()})", flush=True)
     times = interleaved(steps, rounds=rounds, per_round=per_round, warmup=2)
     out = {
         "setting": setting["name"], "arch": setting["arch"], "input_shape": list(setting["input_shape"]),
-        "batch_size": BATCH, "eps": eps, "kappa": kappa, "activation": str(cfg.model.activation),
-        "train_config_from": f"experiment {setting['experiment']} (batch_size={BATCH}); "
+        "batch_size": batch, "eps": eps, "kappa": kappa, "activation": str(cfg.model.activation),
+        "train_config_from": f"experiment {setting['experiment']} (batch_size={batch}); "
                              f"variants override bound/loss/last_layer",
         "solver": str(tc.solver), "solver_steps": tc.solver_steps, "power_iters": tc.power_iters,
-        "sparsity_weight": tc.sparsity_weight,
+        "sparsity_weight": tc.sparsity_weight, "variants": list(cfgs),
         "step_s": {n: spread(t) for n, t in times.items()},
         "phase_s": {n: {k: spread(v[2:]) for k, v in ph.items()} for n, ph in phases.items()},  # after warm-up
-        "ratios": {
-            "local_over_plain": ratios(times, "local", "plain"),
-            "local_over_gloro": ratios(times, "local", "gloro"),
-            "local_ball_over_plain": ratios(times, "local_ball", "plain"),
-            "local_ball_over_gloro": ratios(times, "local_ball", "gloro"),
-            "local_over_local_ball": ratios(times, "local", "local_ball"),
-            "local_adaptive_over_gloro": ratios(times, "local_adaptive", "gloro"),
-            "local_adaptive_over_plain": ratios(times, "local_adaptive", "plain"),
-            "local_over_local_adaptive": ratios(times, "local", "local_adaptive"),
-            "bcp_over_gloro": ratios(times, "bcp", "gloro"),
-            "gloro_over_plain": ratios(times, "gloro", "plain"),
-        },
+        "ratios": {k: ratios(times, a, b) for k, a, b in RATIOS if a in times and b in times},
     }
-    if "local_power2" in times:
-        out["ratios"]["local_over_local_power2"] = ratios(times, "local", "local_power2")
-        out["ratios"]["local_power2_over_plain"] = ratios(times, "local_power2", "plain")
-    if "local_ball_nosparsity" in times:
-        out["ratios"]["local_ball_nosparsity_over_plain"] = ratios(times, "local_ball_nosparsity", "plain")
-        out["ratios"]["local_ball_nosparsity_over_gloro"] = ratios(times, "local_ball_nosparsity", "gloro")
-        out["ratios"]["local_over_local_ball_nosparsity"] = ratios(times, "local", "local_ball_nosparsity")
     out["targets"] = {k: {"target_max": v, "median": out["ratios"][k]["median"],
-                          "met": out["ratios"][k]["median"] <= v} for k, v in TARGETS.items()}
+                          "met": out["ratios"][k]["median"] <= v} for k, v in TARGETS.items() if k in out["ratios"]}
     for k, r in out["ratios"].items():
         print(f"  {k:24s} median {r['median']:.2f}x  (q1 {r['q1']:.2f}, q3 {r['q3']:.2f}, n {r['n']})")
     macs = {n: operator_macs(copy.deepcopy(base), c, x_pool[0], y_pool[0], eps, kappa) for n, c in cfgs.items()}
-    out["operator_macs"] = {n: dict(m, step_over_plain=m["step_macs"] / macs["plain"]["step_macs"])
-                            for n, m in macs.items()}
+    out["operator_macs"] = floor_of(macs)
     for n, m in out["operator_macs"].items():
-        print(f"  operator work {n:22s} {m['step_over_plain']:.2f}x plain (forward {m['recorded'] / 1e9:.2f} G "
-              f"recorded + {m['no_grad'] / 1e9:.2f} G no-grad multiply-adds)")
-    if profile_steps:
-        out["local_breakdown"] = breakdown(copy.deepcopy(base), cfgs["local"], x_pool, y_pool, eps, profile_steps)
+        print(f"  operator work {n:22s} counted {m['counted_over_gloro']:.2f}x GloRo, {m['counted_over_plain']:.2f}x "
+              f"plain ({m['counted_macs'] / 1e9:.1f} G multiply-adds, forward + backward); estimate "
+              f"{m['step_over_gloro']:.2f}x GloRo" + (f"; masked share per layer {m['masked_per_layer']}"
+                                                     if "masked_per_layer" in m else ""))
+    if profile_steps and breakdown_of in cfgs:
+        out["local_breakdown"] = breakdown(copy.deepcopy(base), cfgs[breakdown_of], x_pool, y_pool, eps,
+                                           profile_steps)
+        out["local_breakdown"]["variant"] = breakdown_of
         for k, v in out["local_breakdown"]["regions_s_per_step"].items():
             print(f"    {k:60s} {v * 1000:8.1f} ms")
     return out
@@ -296,16 +333,32 @@ def run_setting(setting: dict, rounds: int, per_round: int, profile_steps: int) 
 def main(argv=None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--per-round", type=int, default=None, help="steps per variant and round (default 2; --quick 1)")
     p.add_argument("--only", action="append", default=[], help="run only these settings (by name; repeatable)")
+    p.add_argument("--variants", default="", help="comma-separated variants to run besides plain and gloro "
+                                                  "(default: all); e.g. local_adaptive,bcp")
+    p.add_argument("--profile-steps", type=int, default=None, help="steps of the breakdown (0: none; default 6)")
+    p.add_argument("--breakdown", default="local", help="the variant whose breakdown is profiled (default local)")
+    p.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
     args = p.parse_args(argv)
     set_threads(args.threads)
+    names = [s["name"] for s in SETTINGS]
+    unknown = [n for n in args.only if n not in names]
+    if unknown:
+        p.error(f"--only: unknown setting(s) {', '.join(unknown)}; known: {', '.join(names)}")
     rounds = args.rounds or (3 if args.quick else 15)
-    per_round = 1 if args.quick else 2
-    profile_steps = 2 if args.quick else 6
+    per_round = args.per_round or (1 if args.quick else 2)
+    profile_steps = args.profile_steps if args.profile_steps is not None else (2 if args.quick else 6)
+    variants = [v for v in args.variants.split(",") if v] or None
+    known = ("local", "local_ball", "local_adaptive", "bcp", "local_power2", "local_ball_nosparsity")
+    if variants and [v for v in variants if v not in known]:
+        p.error(f"--variants: unknown variant(s) {', '.join(v for v in variants if v not in known)}; "
+                f"known: {', '.join(known)}")
     info = machine_info()
     t0 = time.perf_counter()
     chosen = [s for s in SETTINGS if not args.only or s["name"] in args.only]
-    results = [run_setting(s, rounds, per_round, profile_steps) for s in chosen]
+    results = [run_setting(s, rounds, per_round, profile_steps, variants, args.breakdown, args.batch)
+               for s in chosen]
     data = {"quick": args.quick, "machine": info, "targets": TARGETS, "settings": results,
             "method": "variants interleaved in a shuffled order each round; per-round mean step time; "
                       "ratios are per round (same load), reported as median and quartiles over rounds",

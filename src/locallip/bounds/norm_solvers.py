@@ -92,9 +92,29 @@ def _adaptive_choice(s: NormSettings, op, col_mask, row_mask, v0, sigma_global, 
     solver), and the value the others take: the global estimate, or ||D W D' v|| / ||D' v||."""
     with torch.no_grad():
         u = v0 if col_mask is None else v0 * col_mask
-        kept = batch_norm2(op.linear(u) * row_mask)
+        if s.adaptive_from_below:  # kept is the value taken: every sample's own product, as certified before
+            kept = batch_norm2(op.linear(u) * row_mask)
+        else:  # kept only decides: shared products where a sample's columns are all kept
+            kept = _kept_norms(op, v0, u, col_mask, row_mask)
         need = kept < (1 - s.adaptive_tol) * sigma_global.detach()
         if s.adaptive_from_below:  # ||D W D' v|| / ||D' v||: a Rayleigh quotient, never above the masked norm
             un = batch_norm2(u)
             sigma = torch.where(un > 0, kept / torch.where(un > 0, un, torch.ones_like(un)), torch.zeros_like(kept))
     return need, sigma
+
+
+def _kept_norms(op, v0, u, col_mask, row_mask) -> Tensor:
+    """[B] ||D W D' v|| per sample (D, D': row and column masks), with W applied only to the samples whose
+    column mask drops something when every sample starts from one vector (a warm start): the others share
+    W v, computed once (the training step's adaptive decision is one full forward pass otherwise)."""
+    batch = v0.shape[0]
+    row = row_mask.expand(batch, *row_mask.shape[1:])
+    if batch == 1 or v0.stride(0) != 0:  # one sample, or a start vector per sample: nothing is shared
+        return batch_norm2(op.linear(u) * row)
+    full = (torch.ones(batch, dtype=torch.bool, device=v0.device) if col_mask is None
+            else (col_mask == 1).flatten(1).all(1).expand(batch))
+    kept = batch_norm2(op.linear(v0[:1]) * row)
+    rest = (~full).nonzero().squeeze(1)
+    if rest.numel():
+        kept[rest] = batch_norm2(op.linear(u[rest]) * row[rest])
+    return kept

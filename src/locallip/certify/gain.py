@@ -72,12 +72,13 @@ def fixed_share(model: nn.Module, x: Tensor, radius: float, settings) -> Dict[st
             "level": str(settings.guarantee)}
 
 
-def paired_gain(rows: List[dict]) -> Dict[str, float]:
-    """Mean and standard error of (certified locally - certified globally) over the points' rows."""
+def paired_gain(rows: List[dict]) -> Dict[str, Optional[float]]:
+    """Mean and standard error (None for one point) of (certified locally - certified globally) over the
+    points' rows."""
     d = [int(r["certified_local"]) - int(r["certified_global"]) for r in rows]
     n = len(d)
     mean = sum(d) / n
-    se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n) if n > 1 else float("nan")
+    se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n) if n > 1 else None
     return {"gain": mean, "gain_se": se}
 
 
@@ -93,7 +94,8 @@ def local_gain(model: nn.Module, x: Tensor, y: Tensor, radius: float, settings, 
                               "certified_local": s["certified_acc_local"],
                               "certified_global": s["certified_acc_global"]}
     out.update(paired_gain(result["rows"]))
-    out["gain_points"], out["gain_se_points"] = 100 * out["gain"], 100 * out["gain_se"]
+    out["gain_points"] = 100 * out["gain"]
+    out["gain_se_points"] = None if out["gain_se"] is None else 100 * out["gain_se"]
     out["steps"] = {k: v for k, v in s["steps"]["certified_by_step"].items() if v}
     out["attack_checked"] = s["attack"]["checked"] if audit else None
     out["attack_broken"] = s["attack"]["broken"] if audit else None

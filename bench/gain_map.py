@@ -239,18 +239,25 @@ def external_records(quick: bool, n: int, audit: bool) -> List[dict]:
 # --------------------------------------------------------------------------- output
 
 
-def merged(path: Path, records: List[dict], fresh: bool) -> List[dict]:
-    """This run's records, after the ones already in ``path`` of the models this run did not measure."""
+def earlier_records(path: Path, fresh: bool) -> List[dict]:
+    """The records already in ``path`` (none with ``fresh``), read before anything is measured."""
     import json
 
     if fresh or not path.is_file():
-        return records
+        return []
     try:
-        old = json.loads(path.read_text()).get("records", [])
-    except (ValueError, AttributeError):
-        raise ValueError(f"{path}: not a gain_map result (remove it or pass --fresh)") from None
+        old = json.loads(path.read_text())["records"]
+        if not isinstance(old, list) or not all(isinstance(r, dict) and "model" in r for r in old):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: not a gain_map result (move it away or pass --fresh)") from None
+    return old
+
+
+def merged(old: List[dict], records: List[dict]) -> List[dict]:
+    """This run's records, after the earlier ones of the models this run did not measure."""
     measured = {r["model"] for r in records}
-    return [r for r in old if r.get("model") not in measured] + records
+    return [r for r in old if r["model"] not in measured] + records
 
 
 def plot(records: List[dict], path: Path) -> Path:
@@ -300,13 +307,14 @@ def main(argv=None) -> dict:
     p.add_argument("--fresh", action="store_true", help="drop the records already in the output JSON")
     args = p.parse_args(argv)
     set_threads(args.threads)
+    out = Path(args.out) if args.out else RESULTS_DIR / "gain_map.json"
     try:
+        old = earlier_records(out, args.fresh)
         records = study_records(args.rows, args.n or (50 if args.quick else 500), args.audit, args.time_slack,
                                 args.config_dir) if args.rows else []
         if not args.no_external:
             records += external_records(args.quick, args.external_n or (20 if args.quick else 200), args.audit)
-        out = Path(args.out) if args.out else RESULTS_DIR / "gain_map.json"
-        records = merged(out, records, args.fresh)
+        records = merged(old, records)
     except (ValueError, OSError, RuntimeError) as e:  # the loaders' errors name the file and the problem
         print(f"gain_map: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None

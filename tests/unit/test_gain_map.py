@@ -109,3 +109,15 @@ def test_a_glob_without_rows_is_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("gain_map: --rows") and "\n" not in err and not (tmp_path / "g.json").exists()
+
+
+def test_earlier_records_are_kept_unless_measured_again(tmp_path):
+    out = tmp_path / "gain_map.json"
+    out.write_text(json.dumps({"records": [{"model": "a", "radius": 0.1}, {"model": "b", "radius": 0.1}]}))
+    old = gain_map.earlier_records(out, fresh=False)
+    assert gain_map.merged(old, [{"model": "b", "radius": 0.3}]) == [{"model": "a", "radius": 0.1},
+                                                                    {"model": "b", "radius": 0.3}]
+    assert gain_map.earlier_records(out, fresh=True) == []
+    out.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a gain_map result"):
+        gain_map.earlier_records(out, fresh=False)

@@ -291,13 +291,16 @@ def gain_map(d) -> list:
     lines = ["### Where the local bound pays (`python -m bench.gain_map`)", "", f"_{_machine(d)}._", "",
              "Per model and radius: neurons fixed on the ball (% per layer, the local bound's masks at the "
              "certificate's level; all hidden neurons together; the box step's), certified local and global on the "
-             "same points, their difference (points, paired standard error), and for a Local-Lip study row Local-Lip "
+             "same points, their difference (points, paired standard error; in brackets, the share of the correct points "
+             "the global certificate leaves open that the local one certifies), and for a Local-Lip study row Local-Lip "
              "- the best GloRo-line row at equal epochs / equal time. Plot: `docs/img/gain_map.png`.", "",
              "| model | family | dataset | radius | n | fixed % per layer | fixed % (all / box) | local | global "
              "| gain (points) | audit broken | vs GloRo: epochs / time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["records"]:
         se = "" if r["gain_se_points"] is None else f" ± {r['gain_se_points']:.1f}"
+        if r.get("gain_of_open") is not None:
+            se += f" ({100 * r['gain_of_open']:.0f}% of open)"
         audit = "-" if r.get("attack_broken") is None else f"{r['attack_broken']} / {r['attack_checked']}"
         lines.append(f"| {r['model']} | {r['family']} | {r['dataset']} | {r['radius']:g} | {r['n']} | "
                      f"{'/'.join(f'{100 * f:.0f}' for f in r['fixed_per_layer'])} | "

@@ -76,6 +76,7 @@ def test_local_gain_is_local_minus_global_on_the_same_points():
     assert out["certified_local"] > out["certified_global"] > 0
     assert out["gain"] == pytest.approx(out["certified_local"] - out["certified_global"])
     assert out["gain_points"] == pytest.approx(100 * out["gain"])
+    assert out["gain_of_open"] == pytest.approx(out["gain"] / (out["clean"] - out["certified_global"]))
     assert out["attack_broken"] == 0 and out["attack_checked"] >= round(out["certified_local"] * 20)
     assert len(out["fixed_per_layer"]) == 2
 

@@ -21,7 +21,7 @@ from locallip.nn.models import build_model  # noqa: E402
 
 SHAPE = (1, 8, 8)
 FIELDS = {"model", "family", "dataset", "radius", "n", "clean", "certified_local", "certified_global", "gain",
-          "gain_se", "gain_points", "gain_se_points", "fixed_per_layer", "fixed_mean", "fixed_weighted",
+          "gain_se", "gain_points", "gain_se_points", "gain_of_open", "fixed_per_layer", "fixed_mean", "fixed_weighted",
           "neurons_per_layer", "fixed_box_per_layer", "fixed_box_weighted", "level", "attack_checked",
           "attack_broken", "seconds", "measured"}
 SETTINGS = CertifySettings(batch_size=16)

@@ -86,7 +86,8 @@ def local_gain(model: nn.Module, x: Tensor, y: Tensor, radius: float, settings, 
                progress: bool = False) -> Dict[str, object]:
     """At ``radius``: the fixed share per layer (``fixed_share``), certified accuracy of the local and the
     global certificate on the same points (``certify_split``), and their difference with its standard
-    error (fractions; ``gain_points`` in percentage points). ``audit``: the attack audits every
+    error (fractions; ``gain_points`` in percentage points; ``gain_of_open``: the difference over the
+    correct points the global certificate leaves open). ``audit``: the attack audits every
     certified point (``attack_broken`` counts what it broke; 0 expected)."""
     result = certify_split(model, x, y, float(radius), settings, progress=progress, audit=audit)
     s = result["summary"]
@@ -95,6 +96,10 @@ def local_gain(model: nn.Module, x: Tensor, y: Tensor, radius: float, settings, 
                               "certified_global": s["certified_acc_global"]}
     out.update(paired_gain(result["rows"]))
     out["gain_points"] = 100 * out["gain"]
+    # of the correct points the global certificate leaves open, the share the local one certifies: the
+    # gain without the ceiling that the global certificate's own success puts on it
+    left_open = s["clean_acc"] - s["certified_acc_global"]
+    out["gain_of_open"] = out["gain"] / left_open if left_open > 0 else None
     out["gain_se_points"] = None if out["gain_se"] is None else 100 * out["gain_se"]
     out["steps"] = {k: v for k, v in s["steps"]["certified_by_step"].items() if v}
     out["attack_checked"] = s["attack"]["checked"] if audit else None

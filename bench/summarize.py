@@ -291,9 +291,10 @@ def gain_map(d) -> list:
     lines = ["### Where the local bound pays (`python -m bench.gain_map`)", "", f"_{_machine(d)}._", "",
              "Per model and radius: neurons fixed on the ball (% per layer, the local bound's masks at the "
              "certificate's level; all hidden neurons together; the box step's), certified local and global on the "
-             "same points, their difference (points, paired standard error; in brackets, the share of the correct points "
-             "the global certificate leaves open that the local one certifies), and for a Local-Lip study row Local-Lip "
-             "- the best GloRo-line row at equal epochs / equal time. Plot: `docs/img/gain_map.png`.", "",
+             "same points, their difference (points, paired standard error; in brackets, the share of the correct "
+             "points the global certificate leaves open that the local one certifies), and for a Local-Lip study "
+             "row Local-Lip - the best GloRo-line row at equal epochs / equal time. Plot: `docs/img/gain_map.png`.",
+             "",
              "| model | family | dataset | radius | n | fixed % per layer | fixed % (all / box) | local | global "
              "| gain (points) | audit broken | vs GloRo: epochs / time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -133,8 +133,10 @@ def load_row(run_dir: Path, n: int, config_dir: Optional[Path]):
     from locallip.nn.checkpoint import load_model
 
     row = read_json(run_dir / "row.json")
-    if not isinstance(row, dict) or not isinstance(row.get("settings"), dict) or "table" not in row:
-        raise ValueError(f"{run_dir / 'row.json'}: not a study row of the pipeline (no 'table' or 'settings')")
+    missing = [k for k in ("table", "run", "settings", "test") if not isinstance(row, dict) or k not in row]
+    if missing or not isinstance(row["settings"], dict):
+        what = ", ".join(missing) or "settings"
+        raise ValueError(f"{run_dir / 'row.json'}: not a study row of the pipeline (no {what})")
     model, _ = load_model(run_dir / "calibrated.pt")
     data = splits_file(run_dir, row, config_dir)
     splits = load_splits(data)

@@ -121,3 +121,14 @@ def test_earlier_records_are_kept_unless_measured_again(tmp_path):
     out.write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a gain_map result"):
         gain_map.earlier_records(out, fresh=False)
+
+
+def test_a_row_without_its_fields_is_one_line(tmp_path, capsys):
+    d = tmp_path / "study" / "t" / "r"
+    d.mkdir(parents=True)
+    save_model(d / "calibrated.pt", _model(0))
+    (d / "row.json").write_text(json.dumps({"table": "t", "test": {}}))
+    with pytest.raises(SystemExit):
+        gain_map.main(["--rows", str(d), "--no-external", "--out", str(tmp_path / "g.json")])
+    err = capsys.readouterr().err.strip()
+    assert err == f"gain_map: {d / 'row.json'}: not a study row of the pipeline (no run, settings)"

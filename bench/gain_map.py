@@ -18,6 +18,7 @@ certified point. Records of models not measured in this run are kept from the JS
 (``--fresh`` drops them). Plot: fixed share (neuron-weighted) against the gain, one marker per family.
 
     python -m bench.gain_map [--rows 'results/study/*/*/'] [--n 500] [--no-external] [--quick]
+    python -m bench.gain_map --replot    # redraw docs/img/gain_map.png from bench/results/gain_map.json
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from bench._common import REPO, RESULTS_DIR, git_commit, machine_info, parser, s
 
 FAMILIES = ("local-lip", "gloro", "bcp", "plain", "pgd")
 MARKERS = {"local-lip": "o", "gloro": "s", "bcp": "^", "plain": "D", "pgd": "v"}
+COLORS = {"local-lip": "tab:red", "gloro": "tab:blue", "bcp": "tab:purple", "plain": "tab:orange", "pgd": "tab:green"}
 PLOT = REPO / "docs" / "img" / "gain_map.png"
 ROW_FILES = ("row.json", "calibrated.pt")
 
@@ -262,8 +264,18 @@ def merged(old: List[dict], records: List[dict]) -> List[dict]:
     return [r for r in old if r["model"] not in measured] + records
 
 
+def _labels(records: List[dict]) -> Dict[Tuple[float, float], str]:
+    """One label per plotted position: the models there, each with its radii (coincident points share one)."""
+    at: Dict[Tuple[float, float], Dict[str, List[str]]] = {}
+    for r in records:
+        pos = (round(100 * r["fixed_weighted"], 1), round(r["gain_points"], 1))
+        at.setdefault(pos, {}).setdefault(r["model"].split("/")[-1], []).append(f"{r['radius']:g}")
+    return {pos: "; ".join(f"{m} {'/'.join(radii)}" for m, radii in models.items()) for pos, models in at.items()}
+
+
 def plot(records: List[dict], path: Path) -> Path:
-    """Fixed share (neuron-weighted) against local - global, one marker per family, each point labelled."""
+    """Fixed share (neuron-weighted) against local - global, one marker and colour per family, each point
+    labelled with its model and radius."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,15 +284,16 @@ def plot(records: List[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for family in FAMILIES:
         recs = [r for r in records if r["family"] == family]
-        if not recs:
-            continue
-        xs = [100 * r["fixed_weighted"] for r in recs]
-        ys = [r["gain_points"] for r in recs]
-        se = [r["gain_se_points"] or 0.0 for r in recs]
-        ax.errorbar(xs, ys, yerr=se, fmt=MARKERS[family], capsize=2, label=family)
-        for r, x, y in zip(recs, xs, ys):
-            ax.annotate(f"{r['model'].split('/')[-1]} {r['radius']:g}", (x, y), xytext=(3, 3),
-                        textcoords="offset points", fontsize=7)
+        if recs:
+            ax.errorbar([100 * r["fixed_weighted"] for r in recs], [r["gain_points"] for r in recs],
+                        yerr=[r["gain_se_points"] or 0.0 for r in recs], fmt=MARKERS[family], capsize=2,
+                        color=COLORS[family], label=family)
+    placed: List[Tuple[float, float]] = []
+    for (x, y), text in sorted(_labels(records).items()):
+        # labels of nearby points go one above the other instead of over each other
+        near = sum(1 for px, py in placed if abs(px - x) < 8 and abs(py - y) < 2)
+        ax.annotate(text, (x, y), xytext=(3, 3 + 9 * near), textcoords="offset points", fontsize=7)
+        placed.append((x, y))
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("neurons fixed on the certified ball (% of hidden neurons, local bound's masks)")
     ax.set_ylabel("local - global certified accuracy (points, ± 1 s.e.)")
@@ -307,9 +320,19 @@ def main(argv=None) -> dict:
     p.add_argument("--plot", type=Path, default=None, help="the plot (default docs/img/gain_map.png; with --out, "
                                                            "next to it)")
     p.add_argument("--fresh", action="store_true", help="drop the records already in the output JSON")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot from the output JSON's records")
     args = p.parse_args(argv)
     set_threads(args.threads)
     out = Path(args.out) if args.out else RESULTS_DIR / "gain_map.json"
+    plot_path = args.plot or (out.with_suffix(".png") if args.out else PLOT)
+    if args.replot:
+        try:
+            records = earlier_records(out, fresh=False)
+        except ValueError as e:
+            print(f"gain_map: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        plot(records, plot_path)
+        return {"records": records}
     try:
         old = earlier_records(out, args.fresh)
         records = study_records(args.rows, args.n or (50 if args.quick else 500), args.audit, args.time_slack,
@@ -325,7 +348,7 @@ def main(argv=None) -> dict:
             "fixed_share": "local bound's masks at the certificate's level on every point (fixed_*); the box "
                            "step's masks on the guaranteed global norms (fixed_box_*)"}
     write_result("gain_map", data, out)
-    plot(records, args.plot or (out.with_suffix(".png") if args.out else PLOT))
+    plot(records, plot_path)
     return data
 
 

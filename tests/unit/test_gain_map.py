@@ -58,6 +58,8 @@ def test_records_of_a_tiny_model(tmp_path):
     out = tmp_path / "gain_map.json"
     gain_map.write_result("gain_map", {"records": records}, out)
     assert json.loads(out.read_text())["records"] == json.loads(json.dumps(records))
+    png = gain_map.plot(records, tmp_path / "gain_map.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="unknown family"):
         gain_map.model_records("tiny", "mlp", "random", net, x, y, [0.1], SETTINGS)
 
@@ -132,3 +134,9 @@ def test_a_row_without_its_fields_is_one_line(tmp_path, capsys):
         gain_map.main(["--rows", str(d), "--no-external", "--out", str(tmp_path / "g.json")])
     err = capsys.readouterr().err.strip()
     assert err == f"gain_map: {d / 'row.json'}: not a study row of the pipeline (no run, settings)"
+
+
+def test_coincident_points_share_one_label():
+    recs = [{"model": "t/a", "radius": r, "fixed_weighted": 0.0, "gain_points": 0.0} for r in (0.25, 0.5)]
+    recs.append({"model": "b", "radius": 0.1, "fixed_weighted": 0.2, "gain_points": 3.0})
+    assert gain_map._labels(recs) == {(0.0, 0.0): "a 0.25/0.5", (20.0, 3.0): "b 0.1"}

@@ -9,7 +9,9 @@ Models:
       row (bound global: GloRo loss, TRADES, ...) on the same splits at equal epochs and at equal
       training time (at most ``--time-slack`` longer), from the tables' ``table.json``;
   (b) the ordinary ReLU networks of ``bench.certify_external`` (mlp, cnn: plain; cnn_pgd: l2 PGD),
-      trained there with fixed seeds, on its 200 test digits at its radii 0.1 / 0.3 / 0.5.
+      trained there with fixed seeds, on its 200 test digits at its radii 0.1 / 0.3 / 0.5;
+  (c) the stored showcase model (``tests/fixtures/showcase``: mnist5k_r158, Local-Lip, clipped
+      MaxMin, calibrated) on its 500 test digits at 0.5 / 1.0 / 1.58.
 
 Per model and radius, ``locallip.certify.gain.local_gain``: fixed share per layer (the local bound's
 masks at the certificate's level, every point; the box step's beside it), certified local and
@@ -17,7 +19,7 @@ global, their difference in points with its paired standard error, and the attac
 certified point. Records of models not measured in this run are kept from the JSON already there
 (``--fresh`` drops them). Plot: fixed share (neuron-weighted) against the gain, one marker per family.
 
-    python -m bench.gain_map [--rows 'results/study/*/*/'] [--n 500] [--no-external] [--quick]
+    python -m bench.gain_map [--rows 'results/study/*/*/'] [--n 500] [--no-external] [--no-showcase] [--quick]
     python -m bench.gain_map --replot    # redraw docs/img/gain_map.png from bench/results/gain_map.json
 """
 from __future__ import annotations
@@ -240,6 +242,20 @@ def external_records(quick: bool, n: int, audit: bool) -> List[dict]:
     return out
 
 
+def showcase_records(quick: bool, audit: bool) -> List[dict]:
+    """The stored showcase model (tests/fixtures/showcase: mnist5k_r158, Local-Lip, calibrated) on its 500
+    test digits at its radii, certified as the certify stage does (its default settings)."""
+    from locallip.foundation.schema import CertifySettings
+
+    sys.path.insert(0, str(REPO / "tests" / "fixtures"))
+    from make_showcase_fixture import RADII, load_showcase
+
+    model, x, y = load_showcase()
+    n = 50 if quick else x.shape[0]
+    return model_records("showcase/mnist5k_r158", "local-lip", "mnist5k", model, x[:n], y[:n], RADII,
+                         CertifySettings(), audit=audit)
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -313,6 +329,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=None, help="test points of each study row (default 500, --quick 50)")
     p.add_argument("--external-n", type=int, default=None, help="test digits of the ordinary nets (200, --quick 20)")
     p.add_argument("--no-external", action="store_true", help="skip the ordinary networks (b)")
+    p.add_argument("--no-showcase", action="store_true", help="skip the stored showcase model (c)")
     p.add_argument("--audit", action=argparse.BooleanOptionalAction, default=True,
                    help="attack every certified point (default on; 0 broken expected)")
     p.add_argument("--time-slack", type=float, default=0.25, help="equal time: GloRo trained at most this much longer")
@@ -323,6 +340,7 @@ def main(argv=None) -> dict:
     p.add_argument("--replot", action="store_true", help="only redraw the plot from the output JSON's records")
     args = p.parse_args(argv)
     set_threads(args.threads)
+    info = machine_info()  # before measuring: the load average at the start
     out = Path(args.out) if args.out else RESULTS_DIR / "gain_map.json"
     plot_path = args.plot or (out.with_suffix(".png") if args.out else PLOT)
     if args.replot:
@@ -337,13 +355,15 @@ def main(argv=None) -> dict:
         old = earlier_records(out, args.fresh)
         records = study_records(args.rows, args.n or (50 if args.quick else 500), args.audit, args.time_slack,
                                 args.config_dir) if args.rows else []
+        if not args.no_showcase:
+            records += showcase_records(args.quick, args.audit)
         if not args.no_external:
             records += external_records(args.quick, args.external_n or (20 if args.quick else 200), args.audit)
         records = merged(old, records)
     except (ValueError, OSError, RuntimeError) as e:  # the loaders' errors name the file and the problem
         print(f"gain_map: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
-    data = {"quick": args.quick, "machine": machine_info(), "families": list(FAMILIES), "records": records,
+    data = {"quick": args.quick, "machine": info, "families": list(FAMILIES), "records": records,
             "time_slack": args.time_slack,
             "fixed_share": "local bound's masks at the certificate's level on every point (fixed_*); the box "
                            "step's masks on the guaranteed global norms (fixed_box_*)"}

@@ -152,14 +152,30 @@ def load_row(run_dir: Path, n: int, config_dir: Optional[Path]):
 # --------------------------------------------------------------------------- training comparison
 
 
+def _row_entries(table_dir: Path, splits: Path) -> List[dict]:
+    """A table not rendered yet (no table.json): one entry per run whose row.json is there."""
+    from locallip.foundation.files import read_json
+
+    out = []
+    for path in sorted(table_dir.glob("*/row.json")):
+        row = read_json(path)
+        cert = {k: v["local"] for k, v in (row.get("test") or {}).items() if v.get("local") is not None}
+        out.append({"table": table_dir.name, "tag": row.get("tag", path.parent.name), "runs": [path.parent.name],
+                    "family": row_family(row), "epochs": row.get("epochs"), "train_s": float(row["train_time_s"]),
+                    "test_points": row.get("test_points"), "splits": splits.name, "cert": cert,
+                    "source": str(path)})
+    return out
+
+
 def table_entries(table_dir: Path, splits: Path) -> List[dict]:
     """The rows of a table's table.json, each with its family, epochs and training seconds (its first run's
-    row.json where table.json lacks them) and the splits it trained on."""
+    row.json where table.json lacks them) and the splits it trained on; the runs' row.json files where the
+    table has no table.json yet."""
     from locallip.foundation.files import read_json
 
     path = table_dir / "table.json"
     if not path.is_file():
-        return []
+        return _row_entries(table_dir, splits)
     doc = read_json(path)
     out = []
     for rec in doc.get("rows", []):
@@ -174,7 +190,7 @@ def table_entries(table_dir: Path, splits: Path) -> List[dict]:
                 if k.startswith("test_cert_") and not k.endswith("_se") and v is not None}
         out.append({"table": doc.get("table", table_dir.name), "tag": rec["tag"], "runs": list(rec["runs"]),
                     "family": row_family(rows[0]), "epochs": rows[0].get("epochs"), "train_s": float(train_s),
-                    "test_points": rec.get("test_points"), "splits": splits.name, "cert": cert})
+                    "test_points": rec.get("test_points"), "splits": splits.name, "cert": cert, "source": str(path)})
     return out
 
 
@@ -183,9 +199,10 @@ def _best(mine: dict, candidates: List[dict], key: str, rule: str) -> Optional[d
         return None
     best = max(candidates, key=lambda c: c["cert"][key])
     return {"rule": rule, "local_lip": {"table": mine["table"], "tag": mine["tag"], "epochs": mine["epochs"],
-                                        "train_s": mine["train_s"], "certified": mine["cert"][key]},
+                                        "train_s": mine["train_s"], "certified": mine["cert"][key],
+                                        "source": mine["source"]},
             "best_gloro": {"table": best["table"], "tag": best["tag"], "epochs": best["epochs"],
-                           "train_s": best["train_s"], "certified": best["cert"][key]},
+                           "train_s": best["train_s"], "certified": best["cert"][key], "source": best["source"]},
             "difference_points": 100 * (mine["cert"][key] - best["cert"][key]),
             "gloro_rows_considered": [f"{c['table']}/{c['tag']}" for c in candidates]}
 
@@ -206,7 +223,8 @@ def training_comparison(run: str, pool: List[dict], radius: float, slack: float)
                                   "the best GloRo-line row trained for as many epochs"),
             "equal_time": _best(mine, [e for e in gloro if e["train_s"] <= (1 + slack) * mine["train_s"]], key,
                                 f"the best GloRo-line row trained at most {100 * slack:.0f}% longer"),
-            "source": "the tables' table.json (their test points)"}
+            "source": "the tables' table.json, or their rows' row.json before the table is rendered (their test "
+                      "points, not this map's)"}
 
 
 def study_records(patterns: List[str], n: int, audit: bool, slack: float, config_dir: Optional[Path]) -> List[dict]:

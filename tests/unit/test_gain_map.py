@@ -103,6 +103,11 @@ def test_study_rows_and_the_training_comparison(tmp_path):
     assert cmp["equal_time"] is None
     slack = gain_map.training_comparison("ll", gain_map.table_entries(table, table / "data" / "x.npz"), 0.05, 1.5)
     assert slack["equal_time"]["best_gloro"]["tag"] == "gloro"
+    # before the table is rendered: the rows' own test numbers (row.json: 0.5 each) and training seconds
+    (table / "table.json").unlink()
+    early = gain_map.training_comparison("ll", gain_map.table_entries(table, table / "data" / "x.npz"), 0.05, 1.5)
+    assert early["equal_epochs"]["difference_points"] == 0.0 and early["equal_time"]["best_gloro"]["tag"] == "gloro"
+    assert early["equal_epochs"]["best_gloro"]["source"].endswith("row.json")
 
 
 def test_a_glob_without_rows_is_one_line(tmp_path, capsys):

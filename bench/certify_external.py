@@ -40,6 +40,9 @@ ISSUE_LOCALLIP = {"mlp": [174, 78, 13], "cnn": [147, 12, 0], "cnn_pgd": [141, 2,
 CROWN_SECONDS_PER_POINT_CNN = 1.3
 TARGET_SPEEDUP = 10.0
 PGD_TRAIN = dict(eps=0.3, steps=5)
+#: Training epochs of each network (``--quick``: one each); bench.gain_map trains the same ones.
+EPOCHS = {"mlp": 10, "cnn": 10, "cnn_pgd": 8}
+QUICK_EPOCHS = {name: 1 for name in EPOCHS}
 
 
 def mnist5k(seed: int = 0):
@@ -177,7 +180,7 @@ def main(argv=None) -> dict:
     info = machine_info()
     x_tr, y_tr, x_te, y_te = mnist5k()
     x, y = x_te[:n].double(), y_te[:n]
-    epochs = {"mlp": 10, "cnn": 10, "cnn_pgd": 8} if not args.quick else {"mlp": 1, "cnn": 1, "cnn_pgd": 1}
+    epochs = QUICK_EPOCHS if args.quick else EPOCHS
     models = {}
     for name, ep in epochs.items():
         t = train(name, x_tr, y_tr, ep)

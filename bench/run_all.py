@@ -2,8 +2,8 @@
 
     python bench/run_all.py [--quick] [--threads N] [--only NAME ...] [--skip NAME ...]
 
-Order: train_step, certify_throughput, tightness, memory, certify_external, relaxation_cost, end_to_end (last: it takes the
-longest and needs the machine to itself as much as possible). ``--quick`` is a smoke run;
+Order: train_step, certify_throughput, tightness, memory, certify_external, relaxation_cost, gain_map, end_to_end
+(last: it takes the longest and needs the machine to itself as much as possible). ``--quick`` is a smoke run;
 its results go to bench/out/quick/ and do not replace bench/results/.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("train_step", "certify_throughput", "tightness", "memory", "certify_external", "relaxation_cost",
-              "end_to_end")
+              "gain_map", "end_to_end")
 
 
 def main(argv=None) -> int:

@@ -290,11 +290,46 @@ def relaxation_cost(d) -> list:
     return lines + [""]
 
 
+def _training(t) -> str:
+    """Local-Lip - the best GloRo-line row at equal epochs / equal time (the tables' test points), or -."""
+    if not t:
+        return "-"
+    cells = []
+    for k in ("equal_epochs", "equal_time"):
+        c = t.get(k)
+        cells.append("-" if c is None else f"{c['difference_points']:+.1f} ({c['best_gloro']['tag']})")
+    return " / ".join(cells)
+
+
+def gain_map(d) -> list:
+    lines = ["### Where the local bound pays (`python -m bench.gain_map`)", "", f"_{_machine(d)}._", "",
+             "Per model and radius: neurons fixed on the ball (% per layer, the local bound's masks at the "
+             "certificate's level; all hidden neurons together; the box step's), certified local and global on the "
+             "same points, their difference (points, paired standard error; in brackets, the share of the correct "
+             "points the global certificate leaves open that the local one certifies), and for a Local-Lip study "
+             "row Local-Lip - the best GloRo-line row at equal epochs / equal time. Plot: `docs/img/gain_map.png`.",
+             "",
+             "| model | family | dataset | radius | n | fixed % per layer | fixed % (all / box) | local | global "
+             "| gain (points) | audit broken | vs GloRo: epochs / time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["records"]:
+        se = "" if r["gain_se_points"] is None else f" ± {r['gain_se_points']:.1f}"
+        if r.get("gain_of_open") is not None:
+            se += f" ({100 * r['gain_of_open']:.0f}% of open)"
+        audit = "-" if r.get("attack_broken") is None else f"{r['attack_broken']} / {r['attack_checked']}"
+        lines.append(f"| {r['model']} | {r['family']} | {r['dataset']} | {r['radius']:g} | {r['n']} | "
+                     f"{'/'.join(f'{100 * f:.0f}' for f in r['fixed_per_layer'])} | "
+                     f"{100 * r['fixed_weighted']:.1f} / {100 * r['fixed_box_weighted']:.1f} | "
+                     f"{100 * r['certified_local']:.1f} | {100 * r['certified_global']:.1f} | "
+                     f"{r['gain_points']:+.1f}{se} | {audit} | {_training(r.get('training'))} |")
+    return lines + [""]
+
+
 def render() -> str:
     parts = []
     for name, fn in (("train_step", train_step), ("certify_throughput", certify), ("tightness", tightness),
                      ("memory", memory), ("end_to_end", end_to_end), ("certify_external", certify_external),
-                     ("relaxation_cost", relaxation_cost)):
+                     ("relaxation_cost", relaxation_cost), ("gain_map", gain_map)):
         d = _load(name)
         parts += fn(d) if d else [f"### {name}", "", "_not run yet_", ""]
     return "\n".join(parts).rstrip() + "\n"

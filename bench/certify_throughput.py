@@ -149,6 +149,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--synthetic", action="store_true",
                    help="only the audit's cost: 6C2F on synthetic CIFAR-shaped data (bench/audit_cost.py)")
+    p.add_argument("--factors", type=float, nargs="+", default=None,
+                   help="--synthetic: radii as multiples of the median global certified radius (default 1 2; "
+                        "x2's certification is the slow part)")
     add_model_args(p)
     args = p.parse_args(argv)
     set_threads(args.threads)

@@ -197,6 +197,19 @@ def test_broken_attack_is_flagged(dirs):
     assert "**WARNING: 2/300 broken**" in text
 
 
+def test_a_budgeted_audit_says_how_many_points_it_audited(dirs):
+    main, base = dirs
+    p = main / "certify" / "radius_0.3.json"
+    c = json.loads(p.read_text())
+    c["attack"].update(budget=1.0, robust_points=410, unaudited=110)
+    p.write_text(json.dumps(c))
+    report(make_cfg(), main, base)
+    text = (main / "report.md").read_text()
+    assert "radius 0.3: audited 300 of 410 certified points (budget 1 x certification time)" in text
+    assert "| 0/300 (of 410) |" in text
+    assert text.count("audited 300 of") == 1  # the other radii (no budget recorded) keep today's text
+
+
 def test_calibration_sections(dirs):
     main, base = dirs
     report(make_cfg(), main, base)

@@ -1,9 +1,9 @@
 """Certifying a whole split: batches, their random starts, the attack audit, and per-point rows.
 
 ``certify_split`` (one radius: every configured guarantee level, the global certificate
-beside it, the attack audit of every certified point) and ``radii_split`` (every point's largest
-certified radius) share one batch loop, ``batches``: batch b starts at index ``start`` and
-draws its random starts from a generator seeded by (seed, start). So the result does not
+beside it, the attack audit of every certified point, or of those its budget covers) and
+``radii_split`` (every point's largest certified radius) share one batch loop, ``batches``:
+batch b starts at index ``start`` and draws its random starts from a generator seeded by (seed, start). So the result does not
 depend on how batches are shared out: under torchrun each rank certifies its share of
 the batches and every rank gets the merged result.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -90,7 +90,8 @@ def prepare(model: nn.Module, x: Tensor, cfg) -> Tuple[nn.Module, GlobalBound, t
 def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, progress: bool = True,
                   group: Optional[Group] = None, audit: bool = True) -> dict:
     """Certify a split at ``radius`` with the global bound and the local certificate at every configured
-    level, and audit every certified point by the attack (``audit=False``: attack nothing). Returns
+    level, and audit every certified point by the attack (``audit=False``: attack nothing; with
+    ``cfg.attack.budget``, a seeded random subset of them within that budget: ``budgeted_audit``). Returns
     ``{"summary", "rows"}``; the summary's ``timing`` holds the seconds of certification and audit.
 
     ``cfg.guarantee`` is the headline level; ``cfg.extra_guarantees`` are reported beside it.
@@ -104,7 +105,8 @@ def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, pr
     part = {"rows": [], "timing": {lv: 0.0 for lv in levels}, "infos": {lv: [] for lv in levels},
             "audited": 0, "broken": 0, "broken_levels": {lv: 0 for lv in levels + ["global"]}, "levels": levels,
             "audit_groups": {k: {"checked": 0, "broken": 0} for k in AUDIT_GROUPS},
-            "seconds": {"certification": 0.0, "audit": 0.0}, "audit_passes": {"passes": 0}}
+            "seconds": {"certification": 0.0, "audit": 0.0, "audit_probe": 0.0}, "audit_passes": {"passes": 0},
+            "robust_points": 0}
     t0 = time.perf_counter()
     todo = list(batches(x.shape[0], cfg.batch_size, cfg.seed, group))
     for start, gen in tqdm(todo, desc=f"certify r={radius:g}", disable=None if (progress and group.main) else True,
@@ -121,8 +123,8 @@ def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, pr
             part["timing"][lv] += time.perf_counter() - t1
             part["infos"][lv].append(certs[lv].record)
         t2 = time.perf_counter()
-        attack_margin = _audit(model, xb, radius if audit else 0.0, glo, certs, cfg.attack, gen, part)
-        part["seconds"]["certification"] += t2 - t_batch
+        part["seconds"]["certification"] += t2 - t_batch  # before the audit: its budget grows by this batch
+        attack_margin = _audit(model, xb, radius if audit else 0.0, glo, certs, cfg.attack, gen, part, t2)
         part["seconds"]["audit"] += time.perf_counter() - t2
         part["rows"] += _rows(start, yb, glo, certs, levels, attack_margin)
     parts = group.all_gather(part)
@@ -131,36 +133,82 @@ def certify_split(model: nn.Module, x: Tensor, y: Tensor, radius: float, cfg, pr
     summary["attack"].update({k: {f: sum(p["audit_groups"][k][f] for p in parts) for f in ("checked", "broken")}
                               for k in AUDIT_GROUPS}, performed=bool(audit and radius > 0),
                              passes=sum(p["audit_passes"]["passes"] for p in parts))
+    robust = sum(p["robust_points"] for p in parts)
+    # unaudited: robust points no attack checked (the budget's, or all with audit=False); radius 0 has none
+    # to check (a certificate at 0 is the clean margin itself)
+    summary["attack"].update(budget=cfg.attack.budget, robust_points=robust,
+                             unaudited=robust - summary["attack"]["checked"] if radius > 0 else 0)
     # seconds of the slowest process (the ranks run at once)
     summary["timing"] = {f"{k}_s": max(p["seconds"][k] for p in parts) for k in ("certification", "audit")}
+    if cfg.attack.budget is not None:  # the one-point probe that gives the budget its first estimate
+        summary["timing"]["audit_probe_s"] = max(p["seconds"]["audit_probe"] for p in parts)
     return {"summary": summary, "rows": rows}
 
 
-def _audit(model, xb, radius: float, glo: Certificate, certs: Dict[str, Certificate], attack, gen, part) -> Tensor:
-    """The attack (``certify.attack``) at ``radius`` against every point robust at any level, none left
-    out; tallies what it breaks (radius 0: attacks nothing)."""
+def _audit(model, xb, radius: float, glo: Certificate, certs: Dict[str, Certificate], attack, gen, part,
+           started: float) -> Tensor:
+    """The attack (``certify.attack``) at ``radius`` against the points robust at any level: every one of
+    them (``attack.budget`` None), or those the budget covers (``budgeted_audit``); each attacked point is
+    attacked fully. Tallies what it breaks (radius 0: attacks nothing). ``started``: when this batch's
+    audit began (its seconds count against the budget)."""
     check = glo.robust.clone()
     for c in certs.values():
         check |= c.robust
     attack_margin = torch.full((xb.shape[0],), float("nan"), dtype=xb.dtype, device=xb.device)
+    attacked = torch.zeros_like(check)
+    part["robust_points"] += int(check.sum())
     if radius <= 0 or not bool(check.any()):
         return attack_margin
+
+    def attack_points(idx: Tensor) -> None:
+        with torch.enable_grad():
+            attack_margin[idx] = audit_l2(model, xb[idx], glo.prediction[idx], radius, attack, generator=gen,
+                                          work_dtype=certification_dtype(str(attack.dtype)),
+                                          stats=part["audit_passes"])
+        attacked[idx] = True
+        part["audited"] += int(idx.numel())
+
     idx = check.nonzero().squeeze(1)
-    with torch.enable_grad():
-        am = audit_l2(model, xb[idx], glo.prediction[idx], radius, attack, generator=gen,
-                      work_dtype=certification_dtype(str(attack.dtype)), stats=part["audit_passes"])
-    attack_margin[idx] = am
-    part["audited"] += int(idx.numel())
-    hit = torch.zeros_like(check)
-    hit[idx] = am <= 0
+    if attack.budget is None:
+        attack_points(idx)
+    else:
+        budgeted_audit(idx, float(attack.budget), gen, part, started, attack_points)
+    _tally(check, attacked, attack_margin, glo, certs, part)
+    return attack_margin
+
+
+def budgeted_audit(idx: Tensor, budget: float, gen: torch.Generator, part: dict, started: float,
+                   attack_points: Callable[[Tensor], None]) -> None:
+    """Attack (``attack_points``) the largest number of one batch's robust points ``idx``, in a random order
+    drawn from the batch's generator, whose estimated cost keeps this process's audit seconds within
+    ``budget`` x its certification seconds so far (``part["seconds"]``, this batch's certification included;
+    ``started``: when this batch's audit began). A point's cost is estimated as the audit's seconds so far
+    over its points so far (``part["audited"]``); before any point was audited, one point is attacked first
+    to measure it (the probe: the one overrun the budget allows)."""
+    order = idx[torch.randperm(idx.numel(), generator=gen).to(idx.device)]
+    if part["audited"] == 0:
+        attack_points(order[:1])
+        part["seconds"]["audit_probe"] = time.perf_counter() - started
+        order = order[1:]
+    spent = part["seconds"]["audit"] + time.perf_counter() - started
+    per_point = spent / part["audited"]
+    affordable = math.floor((budget * part["seconds"]["certification"] - spent) / per_point)
+    chosen = order[:max(0, min(affordable, order.numel()))]
+    if chosen.numel():
+        attack_points(chosen)
+
+
+def _tally(check: Tensor, attacked: Tensor, attack_margin: Tensor, glo: Certificate, certs: Dict[str, Certificate],
+           part: dict) -> None:
+    """Count the attacked points and those the attack broke, per level and per audit group."""
+    hit = attacked & (attack_margin <= 0)
     part["broken"] += int(hit.sum())
     for lv, c in certs.items():
         part["broken_levels"][lv] += int((hit & c.robust).sum())
     part["broken_levels"]["global"] += int((hit & glo.robust).sum())
     for name, members in zip(AUDIT_GROUPS, (check & glo.correct, check & ~glo.correct)):
-        part["audit_groups"][name]["checked"] += int(members.sum())
+        part["audit_groups"][name]["checked"] += int((attacked & members).sum())
         part["audit_groups"][name]["broken"] += int((hit & members).sum())
-    return attack_margin
 
 
 def _finite(t: Tensor) -> Optional[float]:
@@ -238,5 +286,5 @@ def radii_split(model: nn.Module, x: Tensor, y: Tensor, cfg, max_radius: float, 
     return sorted((r for part in group.all_gather(rows) for r in part), key=lambda r: r["index"])
 
 
-__all__ = ["AUDIT_GROUPS", "AuditFailure", "CERTIFYING_STEPS", "GUARANTEED", "batches", "certification_dtype",
-           "certify_split", "level_settings", "prepare", "radii_split", "write_certificate"]
+__all__ = ["AUDIT_GROUPS", "AuditFailure", "CERTIFYING_STEPS", "GUARANTEED", "batches", "budgeted_audit",
+           "certification_dtype", "certify_split", "level_settings", "prepare", "radii_split", "write_certificate"]

@@ -125,6 +125,7 @@ def validate_certify(c: CertifySettings) -> None:
     _number(c.attack, "restarts", "certify.attack", 1, integer=True)
     _number(c.attack, "step_size", "certify.attack", 0, 2, lo_open=True)
     _number(c.attack, "patience", "certify.attack", 1, integer=True)
+    _number(c.attack, "budget", "certify.attack", 0, lo_open=True, optional=True)
     if isinstance(c, CertifyConfig):
         _check(len(c.radii) > 0, "certify.radii must not be empty")
         for r in c.radii:

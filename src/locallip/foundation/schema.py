@@ -111,6 +111,10 @@ class AttackConfig:
     # The search runs in this dtype (float32: about twice as fast on CPUs); the point it finds is
     # evaluated again in the certification dtype, so a reported break is the model's own margin.
     dtype: DType = DType.float32
+    # null: attack every certified point. b > 0: the audit's seconds stay within about b x the
+    # certification's (per process); each batch attacks a seeded random subset of its robust points
+    # that the allowance covers, each of them fully, and the summary counts the others.
+    budget: Optional[float] = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from ..data.splits import load_splits, to_tensors
 from ..nn.checkpoint import load_model
 from ..foundation.compose import plain, with_linear_relaxation
 from ..foundation.schema import CertifyStage, RunConfig
+from ..foundation.audit_words import audit_share
 from ..foundation.provenance import code_version
 from ..foundation.files import file_digest, stage_lock
 from ..distributed import Group, process_group, set_threads
@@ -65,5 +66,10 @@ def _certify(cfg: CertifyStage, data: Path, model: Path, out: Path, table: Path,
     share = "" if st["deterministic_share"] is None else f", {100 * st['deterministic_share']:.1f}% deterministic"
     print(f"[certify] {cfg.name} r={radius:g}: clean {s['clean_acc']:.3f}  certified local ({levels})  "
           f"global {s['certified_acc_global']:.3f}{share}  audit {s['attack']['broken']}/{s['attack']['checked']} broken  "
-          f"({s['samples_per_s']:.1f} samples/s)")
+          f"{_audited(s['attack'])}({s['samples_per_s']:.1f} samples/s)")
     return s
+
+
+def _audited(attack: dict) -> str:
+    share = audit_share(attack)
+    return f"({share})  " if share else ""

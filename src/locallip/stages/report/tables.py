@@ -111,6 +111,8 @@ def headline_rows(certificates: Sequence[dict]) -> List[dict]:
             "headline": c["guarantee_level"],
             "ratio": c["median_bound_ratio"], "broken": int(a["broken"]), "checked": int(a["checked"]),
             "not_converged": int(c["not_converged"]), "warning": int(a["broken"]) > 0,
+            # a budgeted audit that left certified points unattacked: how many there were
+            "robust": int(a["robust_points"]) if a.get("budget") is not None and a.get("unaudited") else None,
         })
     return rows
 
@@ -125,7 +127,7 @@ def headline_header(certificates: Sequence[dict]) -> List[str]:
 
 
 def attack_cell(row: dict) -> str:
-    text = f"{row['broken']}/{row['checked']}"
+    text = f"{row['broken']}/{row['checked']}" + (f" (of {row['robust']})" if row.get("robust") is not None else "")
     return f"**WARNING: {text} broken**" if row["warning"] else text
 
 

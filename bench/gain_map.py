@@ -298,44 +298,58 @@ def merged(old: List[dict], records: List[dict]) -> List[dict]:
     return [r for r in old if r["model"] not in measured] + records
 
 
-def _labels(records: List[dict]) -> Dict[Tuple[float, float], str]:
+def largest_fixed(rec: dict) -> float:
+    """The largest share of one hidden layer's neurons the masks fix (the x of the plot: a model whose
+    convolutions fix nothing and whose last hidden layer fixes 40 % has 1 % of all its neurons fixed)."""
+    return max(rec["fixed_per_layer"], default=0.0) if "fixed_per_layer" in rec else rec["fixed_weighted"]
+
+
+def _labels(records: List[dict], y: str = "gain_points") -> Dict[Tuple[float, float], str]:
     """One label per plotted position: the models there, each with its radii (coincident points share one)."""
     at: Dict[Tuple[float, float], Dict[str, List[str]]] = {}
     for r in records:
-        pos = (round(100 * r["fixed_weighted"], 1), round(r["gain_points"], 1))
+        pos = (round(100 * largest_fixed(r), 1), round(_y(r, y), 1))
         at.setdefault(pos, {}).setdefault(r["model"].split("/")[-1], []).append(f"{r['radius']:g}")
     return {pos: "; ".join(f"{m} {'/'.join(radii)}" for m, radii in models.items()) for pos, models in at.items()}
 
 
+def _y(rec: dict, y: str) -> float:
+    return rec["gain_points"] if y == "gain_points" else 100 * (rec.get("gain_of_open") or 0.0)
+
+
 def plot(records: List[dict], path: Path) -> Path:
-    """Fixed share (neuron-weighted) against local - global, one marker and colour per family, each point
-    labelled with its model and radius."""
+    """Against the largest share of a hidden layer fixed, per model and radius: local - global certified
+    (points, left) and the share of the correct points the global certificate leaves open that the local one
+    certifies (right); one marker and colour per family, each point labelled with its model and radius."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for family in FAMILIES:
-        recs = [r for r in records if r["family"] == family]
-        if recs:
-            ax.errorbar([100 * r["fixed_weighted"] for r in recs], [r["gain_points"] for r in recs],
-                        yerr=[r["gain_se_points"] or 0.0 for r in recs], fmt=MARKERS[family], capsize=2,
-                        color=COLORS[family], label=family)
-    placed: List[Tuple[float, float]] = []
-    for (x, y), text in sorted(_labels(records).items()):
-        # labels of nearby points go one above the other instead of over each other
-        near = sum(1 for px, py in placed if abs(px - x) < 8 and abs(py - y) < 2)
-        ax.annotate(text, (x, y), xytext=(3, 3 + 9 * near), textcoords="offset points", fontsize=7)
-        placed.append((x, y))
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("neurons fixed on the certified ball (% of hidden neurons, local bound's masks)")
-    ax.set_ylabel("local - global certified accuracy (points, ± 1 s.e.)")
-    ax.set_title("Where the local bound pays: one point per model and radius")
-    ax.legend(title="family")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, y in zip(axes, ("gain_points", "gain_of_open")):
+        for family in FAMILIES:
+            recs = [r for r in records if r["family"] == family]
+            if recs:
+                err = [r["gain_se_points"] or 0.0 for r in recs] if y == "gain_points" else None
+                ax.errorbar([100 * largest_fixed(r) for r in recs], [_y(r, y) for r in recs], yerr=err,
+                            fmt=MARKERS[family], capsize=2, color=COLORS[family], label=family)
+        placed: List[Tuple[float, float]] = []
+        span = max([_y(r, y) for r in records] + [1.0]) / 20
+        for (x, yy), text in sorted(_labels(records, y).items()):
+            # labels of nearby points go one above the other instead of over each other
+            near = sum(1 for px, py in placed if abs(px - x) < 8 and abs(py - yy) < span)
+            ax.annotate(text, (x, yy), xytext=(3, 3 + 9 * near), textcoords="offset points", fontsize=6)
+            placed.append((x, yy))
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("largest share of one hidden layer fixed on the certified ball (%, local bound's masks)")
+    axes[0].set_ylabel("local - global certified accuracy (points, ± 1 s.e.)")
+    axes[1].set_ylabel("of the correct points the global bound leaves open:\n certified by the local bound (%)")
+    fig.suptitle("Where the local bound pays: one point per model and radius")
+    axes[0].legend(title="family")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     log(f"wrote {path}")
     return path

@@ -145,3 +145,13 @@ def test_coincident_points_share_one_label():
     recs = [{"model": "t/a", "radius": r, "fixed_weighted": 0.0, "gain_points": 0.0} for r in (0.25, 0.5)]
     recs.append({"model": "b", "radius": 0.1, "fixed_weighted": 0.2, "gain_points": 3.0})
     assert gain_map._labels(recs) == {(0.0, 0.0): "a 0.25/0.5", (20.0, 3.0): "b 0.1"}
+
+
+def test_the_plot_places_a_model_by_its_most_fixed_layer():
+    """A model whose last hidden layer fixes 40 % and whose convolutions fix nothing sits at 40, not at its
+    neuron-weighted 1 %."""
+    rec = {"model": "t/a", "radius": 0.5, "fixed_per_layer": [0.0, 0.0, 0.4], "fixed_weighted": 0.01,
+           "gain_points": 5.0, "gain_of_open": 0.25}
+    assert gain_map.largest_fixed(rec) == 0.4
+    assert gain_map._labels([rec]) == {(40.0, 5.0): "a 0.5"}
+    assert gain_map._labels([rec], "gain_of_open") == {(40.0, 25.0): "a 0.5"}

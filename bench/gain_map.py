@@ -301,7 +301,7 @@ def merged(old: List[dict], records: List[dict]) -> List[dict]:
 def largest_fixed(rec: dict) -> float:
     """The largest share of one hidden layer's neurons the masks fix (the x of the plot: a model whose
     convolutions fix nothing and whose last hidden layer fixes 40 % has 1 % of all its neurons fixed)."""
-    return max(rec["fixed_per_layer"], default=0.0) if "fixed_per_layer" in rec else rec["fixed_weighted"]
+    return max(rec["fixed_per_layer"], default=0.0)
 
 
 def _labels(records: List[dict], y: str = "gain_points") -> Dict[Tuple[float, float], str]:

@@ -142,8 +142,8 @@ def test_a_row_without_its_fields_is_one_line(tmp_path, capsys):
 
 
 def test_coincident_points_share_one_label():
-    recs = [{"model": "t/a", "radius": r, "fixed_weighted": 0.0, "gain_points": 0.0} for r in (0.25, 0.5)]
-    recs.append({"model": "b", "radius": 0.1, "fixed_weighted": 0.2, "gain_points": 3.0})
+    recs = [{"model": "t/a", "radius": r, "fixed_per_layer": [0.0], "gain_points": 0.0} for r in (0.25, 0.5)]
+    recs.append({"model": "b", "radius": 0.1, "fixed_per_layer": [0.2], "gain_points": 3.0})
     assert gain_map._labels(recs) == {(0.0, 0.0): "a 0.25/0.5", (20.0, 3.0): "b 0.1"}
 
 
